@@ -1,0 +1,1 @@
+"""lors-bench: a reproducibility benchmark suite for multimodal dataset distillation (LoRS)."""

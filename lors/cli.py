@@ -1,0 +1,118 @@
+"""`lors-bench`: one subcommand per pipeline stage; dvc.yaml calls exactly these.
+
+Each command loads and validates params.yaml, then hands over to the library function of its
+stage. Bad input ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lors.errors import LorsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="dataset key in params.yaml")]
+BudgetOpt = Annotated[int, typer.Option("--budget", "-b", help="number of image-text pairs")]
+MethodOpt = Annotated[str, typer.Option("--method", "-m")]
+
+
+def _stage(fn: Callable) -> Callable:
+    """Run a stage with logging set up and bad input reported as one line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        try:
+            return fn(*args, **kwargs)
+        except LorsError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; the stage resumes from its last checkpoint when run again", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _params(path: Path):
+    from lors.config import load_params
+
+    return load_params(path)
+
+
+@app.command()
+@_stage
+def prepare(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Decode images once into a uint8 store, normalise captions, write splits and a manifest."""
+    from lors.data.prepare import prepare_dataset
+
+    prepare_dataset(_params(params), dataset)
+
+
+@app.command("embed-text")
+@_stage
+def embed_text(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Encode every caption with the frozen text encoder and cache the features."""
+    from lors.data.text_features import embed_dataset
+
+    embed_dataset(_params(params), dataset)
+
+
+@app.command()
+@_stage
+def experts(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml"),
+            shard: Annotated[str, typer.Option(help="i/n: train every n-th expert starting at i")] = "0/1") -> None:
+    """Train expert trajectories, keeping only the snapshots distillation reads."""
+    from lors.experts import parse_shard, train_experts
+
+    train_experts(_params(params), dataset, shard=parse_shard(shard))
+
+
+@app.command()
+@_stage
+def distill(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Distil a synthetic set by trajectory matching (lors, tesla_vl, mtt_vl)."""
+    from lors.distill import run_distillation
+
+    run_distillation(_params(params), dataset, budget, method)
+
+
+@app.command()
+@_stage
+def select(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Select a coreset of real pairs (random, herding, kcenter, forgetting, vas, clip_score)."""
+    from baselines import run_selection
+
+    run_selection(_params(params), dataset, budget, method)
+
+
+@app.command()
+@_stage
+def evaluate(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: ParamsOpt = Path("params.yaml"),
+             arch: Annotated[Optional[str], typer.Option(help="IMAGE+TEXT encoders; default: the source ones")] = None) -> None:
+    """Train fresh networks on a synthetic set and measure test retrieval."""
+    from lors.evaluate import run_evaluation
+
+    run_evaluation(_params(params), dataset, budget, method, arch=arch)
+
+
+@app.command()
+@_stage
+def report(params: ParamsOpt = Path("params.yaml"),
+           out: Annotated[Path, typer.Option(help="output folder")] = Path("reports")) -> None:
+    """Write LaTeX/Markdown tables and figures from every evaluation next to the published numbers."""
+    from lors.report import build_reports
+
+    build_reports(_params(params), out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

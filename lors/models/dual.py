@@ -1,0 +1,44 @@
+"""The paper's dual encoder: trainable image backbone + projection head on frozen text features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lors.models.image import build_image_encoder, image_feature_dim
+from lors.models.text import TextProjectionHead
+
+
+class DualEncoder(nn.Module):
+    """Image and text embeddings, L2-normalised; logits = cos / tau with rows = images.
+
+    There is no image projection: the image embedding is the pooled backbone feature itself, and the
+    text head maps text features to that width (method.md 1.1-1.3). tau is fixed, never learned.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_dim: int, temperature: float = 0.07,
+                 text_head_dropout: float = 0.1) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_head = TextProjectionHead(text_dim, image_feature_dim(image_encoder), text_head_dropout)
+        self.temperature = temperature
+
+    @property
+    def embed_dim(self) -> int:
+        return image_feature_dim(self.image_encoder)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_encoder(images), dim=-1)
+
+    def encode_text(self, text_features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_head(text_features), dim=-1)
+
+    def forward(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(images) @ self.encode_text(text_features).T / self.temperature
+
+
+def build_dual_encoder(image_encoder: str, text_dim: int, pretrained: bool, temperature: float = 0.07,
+                       text_head_dropout: float = 0.1) -> DualEncoder:
+    """Seed torch before calling: the text head (and a non-pretrained backbone) are drawn fresh."""
+    return DualEncoder(build_image_encoder(image_encoder, pretrained), text_dim, temperature, text_head_dropout)

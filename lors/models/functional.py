@@ -1,0 +1,76 @@
+"""Drive a dual encoder functionally over flat parameter vectors.
+
+Trajectory matching treats each branch's parameters as one vector (expert snapshots, the student's
+unrolled steps, the matching distance). The student network is built once per run and called with
+`torch.func.functional_call`, so no module is rebuilt or re-copied per iteration.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from lors.models.dual import DualEncoder
+
+
+class FlatParams:
+    """The parameter layout of a module: names, shapes and offsets into one flat vector."""
+
+    def __init__(self, module: nn.Module) -> None:
+        named = list(module.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.numels)
+
+    def flatten(self, module: nn.Module) -> torch.Tensor:
+        params = dict(module.named_parameters())
+        return torch.cat([params[n].detach().reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views into `flat` shaped like the module's parameters (differentiable w.r.t. `flat`)."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"flat vector has {flat.numel()} entries, the module needs {self.numel}")
+        chunks = torch.split(flat, self.numels)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+    def load(self, module: nn.Module, flat: torch.Tensor) -> None:
+        """Copy a flat vector into the module's parameters in place."""
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for name, value in self.unflatten(flat).items():
+                params[name].copy_(value)
+
+
+class FunctionalDualEncoder:
+    """A DualEncoder whose image-encoder and text-head parameters come from two flat vectors."""
+
+    def __init__(self, model: DualEncoder) -> None:
+        self.model = model
+        self.image_layout = FlatParams(model.image_encoder)
+        self.text_layout = FlatParams(model.text_head)
+
+    def initial(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.image_layout.flatten(self.model.image_encoder), self.text_layout.flatten(self.model.text_head)
+
+    def encode_image(self, image_params: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        feats = functional_call(self.model.image_encoder, self.image_layout.unflatten(image_params), (images,))
+        return F.normalize(feats, dim=-1)
+
+    def encode_text(self, text_params: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        feats = functional_call(self.model.text_head, self.text_layout.unflatten(text_params), (texts,))
+        return F.normalize(feats, dim=-1)
+
+    def logits(self, image_params: torch.Tensor, text_params: torch.Tensor, images: torch.Tensor,
+               texts: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        tau = self.model.temperature if temperature is None else temperature
+        return self.encode_image(image_params, images) @ self.encode_text(text_params, texts).T / tau
+
+    def load(self, image_params: torch.Tensor, text_params: torch.Tensor) -> None:
+        self.image_layout.load(self.model.image_encoder, image_params)
+        self.text_layout.load(self.model.text_head, text_params)
