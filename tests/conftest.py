@@ -1,0 +1,49 @@
+"""Shared fixtures: the real test data in ../shared (skipped when absent) and tiny params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from lors.config import Params
+
+os.environ.setdefault("LORS_TRACKING", "0")  # unit tests never write to an MLflow store
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+def tiny_params_dict(work_dir: Path) -> dict:
+    """A CPU-sized configuration on a small embedded dataset: seconds per stage."""
+    return {
+        "profile": "test",
+        "seed": 0,
+        "work_dir": str(work_dir),
+        "device": "cpu",
+        "grid": {"datasets": ["embedded"], "distill_budgets": [20], "select_budgets": [20]},
+        "datasets": {"embedded": {"kind": "embedded", "image_size": 16,
+                                  "embedded": {"n_train": 60, "n_val": 20, "n_test": 20, "seed": 0}}},
+        "text_encoder": {"name": "minilm", "pooling": "mean", "batch_size": 64},
+        "model": {"image_encoder": "test_nfnet", "pretrained": False},
+        "experts": {"num_experts": 2, "batch_size": 32, "augment": True},
+        "distill": {"checkpoint_every": 2,
+                    "default": {"iterations": 3, "eval_every": 0, "mini_batch": 8, "syn_steps": 2,
+                                "lr_img": 100, "lr_txt": 100, "lr_sim": 10, "rank": 4, "alpha": 1.0}},
+        "evaluate": {"num_eval": 2, "epochs": 4, "eval_every": 2},
+        "tracking": {"enabled": False},
+    }
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path) -> Params:
+    return Params.model_validate(tiny_params_dict(tmp_path / "work"))
