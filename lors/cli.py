@@ -107,11 +107,22 @@ def evaluate(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: 
 @app.command()
 @_stage
 def report(params: ParamsOpt = Path("params.yaml"),
-           out: Annotated[Path, typer.Option(help="output folder")] = Path("reports")) -> None:
+           out: Annotated[Path, typer.Option(help="output folder")] = Path("reports"),
+           dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="default: every dataset of the grid")] = None) -> None:
     """Write LaTeX/Markdown tables and figures from every evaluation next to the published numbers."""
     from lors.report import build_reports
 
-    build_reports(_params(params), out)
+    build_reports(_params(params), out, [dataset] if dataset else None)
+
+
+@app.command()
+@_stage
+def profile(name: Annotated[str, typer.Argument(help="a file stem in profiles/: demo, flickr8k, paper, ...")],
+            params: ParamsOpt = Path("params.yaml")) -> None:
+    """Switch params.yaml to profiles/NAME.yaml (validated first); then `dvc repro` reruns what changed."""
+    from lors.profiles import apply_profile
+
+    typer.echo(f"{apply_profile(name, params)} <- profiles/{name}.yaml")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -95,6 +95,7 @@ class DistillSetting(Strict):
     init: Literal["real", "noise"] = "real"
     loss: Literal["wbce", "bce", "ence"] = "wbce"
     similarity: Literal["lowrank", "full"] = "lowrank"
+    mtt_mini_batch: int | None = Field(None, ge=1)  # MTT-VL pairs per unrolled step; None = all (method.md 3.7)
 
 
 class DistillConfig(Strict):
@@ -121,12 +122,22 @@ class EvaluateConfig(Strict):
     eval_every: int = Field(10, ge=1)
     text_transfer: Literal["reference", "nearest_caption"] = "reference"
     amp: bool = True  # bf16 autocast for test encoding on GPU
+    loss: Literal["wbce", "bce", "ence"] = "wbce"  # soft contrastive loss against the set's similarity
+    whole_epochs: int = Field(10, ge=1)  # "whole dataset" upper bound: expert-recipe epochs on the train split
 
 
 class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"  # overridden by MLFLOW_TRACKING_URI
     experiment: str = "lors-bench"
     enabled: bool = True
+
+
+class ReportConfig(Strict):
+    """What `lors-bench report` compares and how it flags a reproduction."""
+
+    published: Path = Path("reports/published.csv")  # columns dataset,budget,method,metric,value,std,source
+    selection: Literal["auto", "best", "last", "val"] = "auto"  # auto: best (reference), val or last (clean)
+    sigma: float = Field(2.0, gt=0)  # flag |reproduced - published| > sigma * std
 
 
 class GridConfig(Strict):
@@ -138,6 +149,7 @@ class GridConfig(Strict):
     select_methods: list[str] = ["random", "herding", "kcenter", "forgetting", "vas", "clip_score"]
     select_budgets: list[int] = [100, 200, 500, 1000]
     archs: list[str] = []  # cross-architecture "image+text" pairs evaluated on top of the source one
+    cross_methods: list[str] = ["lors"]  # distillation methods evaluated on every entry of `archs`
 
 
 class Params(Strict):
@@ -155,6 +167,7 @@ class Params(Strict):
     select: SelectConfig = SelectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")
     def _grid_names_known(self) -> "Params":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from lors.errors import ConfigError
+
 EPS = 1e-6
 
 
@@ -49,5 +51,5 @@ LOSSES = {"ence": ence, "bce": bce, "wbce": wbce}
 
 def soft_contrastive_loss(name: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}' (choose from {', '.join(LOSSES)})")
+        raise ConfigError(f"unknown loss '{name}' (choose from {', '.join(LOSSES)})")
     return LOSSES[name](logits, target)

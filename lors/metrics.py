@@ -2,8 +2,17 @@
 
 IR (text -> image): the rank of a caption's single ground-truth image.
 TR (image -> text): the best (smallest) rank among the image's ground-truth captions.
-R@K = percent of queries whose rank is < K. Scores are processed in row blocks, so the full
-(n_images x n_texts) matrix never has to exist: COCO's 5,000 x 25,010 runs in a few blocks.
+R@K = percent of queries whose rank is < K. A rank counts the non-ground-truth candidates scoring at
+least as high as the ground truth: ties resolve against the query (BLIP's argsort leaves them to
+index order), so a collapsed model whose scores are all equal scores 0, not 100, and NaN scores count
+as -inf. Every comparison is made between entries of the same computed score block (a ground-truth
+score recomputed another way could differ in the last bit and flip a tie).
+
+Scores are processed in row blocks (rows = images), so the full (n_images x n_texts) matrix never has
+to exist: COCO's 5,000 x 25,010 runs in a few blocks on the scores' own device. TR ranks are exact
+per row block. IR ranks need each caption's ground-truth score before comparing, so each block only
+keeps the top-`max(KS)` non-ground-truth scores of every caption; R@1/5/10 are exact with that
+(an IR rank is reported as min(rank, max(KS))).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from collections.abc import Callable
 import torch
 
 KS = (1, 5, 10)
+METRICS = ("ir1", "ir5", "ir10", "tr1", "tr5", "tr10", "ir_mean", "tr_mean", "r_mean")
 
 
 def _check_txt2img(txt2img: torch.Tensor, n_images: int, n_texts: int) -> torch.Tensor:
@@ -25,19 +35,30 @@ def _check_txt2img(txt2img: torch.Tensor, n_images: int, n_texts: int) -> torch.
 
 
 def _ranks(score_rows: Callable[[int, int], torch.Tensor], n_images: int, txt2img: torch.Tensor,
-           gt_scores: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """TR rank per image and IR rank per text, counting strictly better non-ground-truth candidates."""
-    best_gt = torch.full((n_images,), float("-inf"), dtype=gt_scores.dtype)
-    best_gt.scatter_reduce_(0, txt2img, gt_scores, reduce="amax")
-    tr_rank = torch.empty(n_images, dtype=torch.long)
-    ir_rank = torch.zeros(len(txt2img), dtype=torch.long)
+           block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TR rank per image (exact) and IR rank per text (capped at max(KS)), one pass over row blocks."""
+    depth = max(KS)
+    if n_images == 0 or len(txt2img) == 0:
+        raise ValueError("retrieval metrics need at least one image and one text")
+    tr_rank = torch.empty(n_images, dtype=torch.long, device=txt2img.device)
+    gt = top = None  # per caption: its ground-truth score; the `depth` best non-ground-truth scores so far
     for r0 in range(0, n_images, block):
         r1 = min(r0 + block, n_images)
-        scores = score_rows(r0, r1).to(gt_scores.dtype)
-        is_gt = txt2img[None, :] == torch.arange(r0, r1)[:, None]
-        tr_rank[r0:r1] = ((scores > best_gt[r0:r1, None]) & ~is_gt).sum(1)
-        ir_rank += ((scores > gt_scores[None, :]) & ~is_gt).sum(0)
-    return tr_rank, ir_rank
+        others = score_rows(r0, r1).nan_to_num(nan=float("-inf"))  # a fresh tensor: safe to edit in place
+        cols = ((txt2img >= r0) & (txt2img < r1)).nonzero().squeeze(1)
+        rows = txt2img[cols] - r0
+        if gt is None:
+            gt = torch.empty(len(txt2img), dtype=others.dtype, device=others.device)
+        gt[cols] = others[rows, cols]
+        best_gt = torch.full((r1 - r0,), float("-inf"), dtype=others.dtype, device=others.device)
+        best_gt.scatter_reduce_(0, rows, gt[cols], reduce="amax")
+        others[rows, cols] = float("-inf")  # ground-truth entries never compete
+        tr_rank[r0:r1] = (others >= best_gt[:, None]).sum(1)
+        block_top = others.topk(min(depth, r1 - r0), dim=0).values
+        pool = block_top if top is None else torch.cat([top, block_top])
+        top = pool.topk(min(depth, len(pool)), dim=0).values
+    ir_rank = (top >= gt[None, :]).sum(0)
+    return tr_rank.cpu(), ir_rank.cpu()
 
 
 def _summarise(tr_rank: torch.Tensor, ir_rank: torch.Tensor) -> dict[str, float]:
@@ -55,22 +76,20 @@ def _summarise(tr_rank: torch.Tensor, ir_rank: torch.Tensor) -> dict[str, float]
 def retrieval_metrics(scores: torch.Tensor, txt2img: torch.Tensor, block: int = 1024) -> dict[str, float]:
     """Percent ir1 ir5 ir10 tr1 tr5 tr10, ir_mean, tr_mean, r_mean from an (images x texts) matrix."""
     scores = torch.as_tensor(scores)
+    scores = scores if scores.is_floating_point() else scores.double()
     n_images, n_texts = scores.shape
-    txt2img = _check_txt2img(txt2img, n_images, n_texts)
-    gt = scores[txt2img, torch.arange(n_texts)].double()
-    tr_rank, ir_rank = _ranks(lambda a, b: scores[a:b], n_images, txt2img, gt, block)
+    txt2img = _check_txt2img(txt2img, n_images, n_texts).to(scores.device)
+    tr_rank, ir_rank = _ranks(lambda a, b: scores[a:b], n_images, txt2img, block)
     return _summarise(tr_rank, ir_rank)
 
 
 @torch.no_grad()
 def retrieval_metrics_from_embeddings(image_emb: torch.Tensor, text_emb: torch.Tensor, txt2img: torch.Tensor,
                                       block: int = 1024) -> dict[str, float]:
-    """Same metrics from L2-normalised embeddings, computing score blocks on the fly (cosine; the
-    temperature is a positive scale and does not change ranks)."""
-    image_emb, text_emb = image_emb.float(), text_emb.float()
+    """Same metrics from L2-normalised embeddings, computing score blocks on the fly on their device
+    (cosine; the temperature is a positive scale and does not change ranks)."""
+    image_emb, text_emb = image_emb.float(), text_emb.float().to(image_emb.device)
     n_images, n_texts = image_emb.shape[0], text_emb.shape[0]
     txt2img = _check_txt2img(txt2img, n_images, n_texts).to(image_emb.device)
-    gt = (image_emb[txt2img] * text_emb).sum(-1)
-    tr_rank, ir_rank = _ranks(lambda a, b: (image_emb[a:b] @ text_emb.T).cpu(), n_images, txt2img.cpu(),
-                              gt.cpu().float(), block)
+    tr_rank, ir_rank = _ranks(lambda a, b: image_emb[a:b] @ text_emb.T, n_images, txt2img, block)
     return _summarise(tr_rank, ir_rank)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lors.errors import ConfigError
+
 
 class LowRankSimilarity(nn.Module):
     """S~ = diag(w) + (alpha / rank) L R^T with w = 1, L ~ N(0, 1), R = 0, so S~ = I at start."""
@@ -43,9 +45,11 @@ class IdentitySimilarity(nn.Module):
     def __init__(self, n: int) -> None:
         super().__init__()
         self.n = n
+        # no parameters to carry the device, so an empty buffer follows `.to(device)` for it
+        self.register_buffer("anchor", torch.empty(0), persistent=False)
 
     def matrix(self, indices: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.eye(self.n if indices is None else len(indices))
+        return torch.eye(self.n if indices is None else len(indices), device=self.anchor.device, dtype=self.anchor.dtype)
 
 
 def build_similarity(kind: str, n: int, rank: int = 10, alpha: float = 1.0) -> nn.Module:
@@ -55,4 +59,4 @@ def build_similarity(kind: str, n: int, rank: int = 10, alpha: float = 1.0) -> n
         return FullSimilarity(n)
     if kind == "identity":
         return IdentitySimilarity(n)
-    raise ValueError(f"unknown similarity '{kind}' (choose from lowrank, full, identity)")
+    raise ConfigError(f"unknown similarity '{kind}' (choose from lowrank, full, identity)")

