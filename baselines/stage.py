@@ -102,6 +102,10 @@ def run_selection(params: Params, dataset: str, budget: int, method: str) -> Pat
         write_json(out_dir / "metrics.json", {**metrics, "feature_source": pool.feature_source})
         tracker.log_metrics(metrics)
         tracker.log_artifact(out_dir / "metrics.json")
+        if tracker.active:
+            from lors.artifacts import log_synset_artifacts
+
+            log_synset_artifacts(tracker, synset, split.captions, text_features)
     log.info("%s-%d on %s: %d pairs from %d images in %.2f s (features %.2f s) -> %s", method, budget, dataset,
              budget, len(chosen_images), selection_seconds, feature_seconds, path)
     return path

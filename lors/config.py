@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lors.errors import ConfigError
+from lors.io import slug
 
 
 class Strict(BaseModel):
@@ -130,6 +131,7 @@ class TrackingConfig(Strict):
     uri: str = "sqlite:///mlflow.db"  # overridden by MLFLOW_TRACKING_URI
     experiment: str = "lors-bench"
     enabled: bool = True
+    defer: bool = True  # record runs on disk; the report stage or `lors-bench track` writes them to MLflow
 
 
 class ReportConfig(Strict):
@@ -150,6 +152,16 @@ class GridConfig(Strict):
     select_budgets: list[int] = [100, 200, 500, 1000]
     archs: list[str] = []  # cross-architecture "image+text" pairs evaluated on top of the source one
     cross_methods: list[str] = ["lors"]  # distillation methods evaluated on every entry of `archs`
+
+    @field_validator("archs")
+    @classmethod
+    def _archs_are_file_names(cls, archs: list[str]) -> list[str]:
+        # each arch names its result file in dvc.yaml, so it must be a plain file name
+        for arch in archs:
+            if slug(arch) != arch:
+                raise ValueError(f"'{arch}' is not a plain file name (use letters, digits, - _ . +; "
+                                 "a local model path or :pooling suffix works with `lors-bench evaluate --arch`)")
+        return archs
 
 
 class Params(Strict):

@@ -11,6 +11,7 @@ split (and, under `protocol: clean`, on val to choose the epoch) and each networ
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,6 +74,8 @@ def _evaluate_networks(params: Params, train_one: Callable[[torch.Generator], di
             seed = network_seed(params, k)
             start = time.perf_counter()
             curve = train_one(seed_everything(seed))
+            if not all(math.isfinite(loss) for loss in curve["loss"]):
+                log.warning("%s net %d: training loss became non-finite; its retrieval counts as misses", desc, k)
             chosen = select_epochs(curve["epochs"], curve["test"], curve.get("val"))
             final = {sel: curve["test"][curve["epochs"].index(epoch)] for sel, epoch in chosen.items()}
             record = {"seed": seed, **curve, "chosen": chosen, "final": final, "wall_s": time.perf_counter() - start}
@@ -97,9 +100,13 @@ def _result(params: Params, arch: EvalArch, transfer: str, networks: list[dict],
             "time_per_network_s": sum(net["wall_s"] for net in networks) / len(networks)}
 
 
-def _check_synset(synset: SyntheticSet, dataset: str, splits: dict[str, RetrievalSplit], arch: EvalArch) -> None:
+def _check_synset(params: Params, synset: SyntheticSet, dataset: str, splits: dict[str, RetrievalSplit],
+                  arch: EvalArch) -> None:
     if synset.meta.get("dataset") not in (None, dataset):
         raise ConfigError(f"synthetic set was made from dataset '{synset.meta['dataset']}', not '{dataset}'")
+    if synset.meta.get("text_encoder") not in (None, params.text_encoder.name):
+        raise ConfigError(f"synthetic texts live in the feature space of '{synset.meta['text_encoder']}' but "
+                          f"text_encoder.name is '{params.text_encoder.name}'")
     if len(synset) == 0:
         raise DataError("synthetic set is empty")
     test = splits["test"]
@@ -128,7 +135,7 @@ def evaluate_synset(params: Params, synset: SyntheticSet, dataset: str, arch: st
     device = resolve_device(params.device)
     eval_arch = parse_arch(arch, params)
     splits = _retrieval_splits(params, dataset, eval_arch, device)
-    _check_synset(synset, dataset, splits, eval_arch)
+    _check_synset(params, synset, dataset, splits, eval_arch)
     texts = training_texts(params, dataset, synset.texts, eval_arch, splits["test"].features.shape[1], device)
     networks = train_networks_on_set(params, eval_arch, synset, texts.train, splits, num_eval=num_eval,
                                      progress=progress, desc=f"evaluate {dataset}", cache=cache,
@@ -223,7 +230,8 @@ def run_evaluation(params: Params, dataset: str, budget: int, method: str, arch:
     eval_arch = parse_arch(arch, params)
     layout = Layout(params.work_dir)
     budget = 0 if method == WHOLE else budget
-    out = layout.evaluation(dataset, budget, method, eval_arch.name)
+    # named after the arch as asked for (what dvc.yaml declares); the source arch when none is given
+    out = layout.evaluation(dataset, budget, method, arch or eval_arch.name)
     synset = None
     if method == WHOLE:
         data = "whole"

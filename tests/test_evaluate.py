@@ -18,7 +18,7 @@ from lors.config import Params
 from lors.data import Split
 from lors.data.text_features import encode_captions, load_text_encoder
 from lors.data.transforms import normalize
-from lors.errors import ConfigError
+from lors.errors import ConfigError, DataError
 from lors.evaluate import evaluate_synset, evaluate_whole, run_evaluation
 from lors.evaluation import parse_arch, select_epochs, summarise
 from lors.evaluation import train as train_module
@@ -139,15 +139,16 @@ def test_each_minibatch_is_an_independent_subset_with_its_similarity_block(monke
         synset_epoch(model, optimizer, torch.randn(5, 3, 16, 16), torch.randn(5, 4), sim, batch_size=2, loss="wbce",
                      generator=gen)
     assert len(seen) == 2 * math.ceil(5 / 2)  # ceil(N/b) batches per epoch
-    batches = []
     for name, shape, block in seen:
+        # every batch has min(b, N) = 2 distinct pairs (an epoch partition would end with a batch of 1)
         rows = (block.diagonal() / 6).long()  # diagonal entries are 6i
         assert name == "wbce" and shape == (2, 2) and rows[0] != rows[1]
         torch.testing.assert_close(block, sim[rows][:, rows])
-        batches.append(frozenset(rows.tolist()))
-    # subsets are drawn independently: batches of one epoch can repeat pairs (not a partition)
-    assert any(len(set(batches[e * 3:e * 3 + 3])) < 3 or len(frozenset().union(*batches[e * 3:e * 3 + 3])) < 5
-               for e in range(2))
+    seen.clear()
+    synset_epoch(model, optimizer, torch.randn(3, 3, 16, 16), torch.randn(3, 4), sim[:3, :3], batch_size=128,
+                 loss="ence", generator=gen)
+    assert len(seen) == 1 and seen[0][1] == (3, 3)  # N < b: one batch of all N pairs
+    assert sorted((seen[0][2].diagonal() / 6).long().tolist()) == [0, 1, 2]
 
 
 def test_optimizer_and_step_decay_follow_the_reference():
@@ -194,6 +195,24 @@ def test_unknown_architecture_fails_with_one_clear_line(tmp_path, learnable):
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error: unknown image encoder 'nfnet_l9000'")
+
+
+def test_a_set_that_does_not_fit_the_dataset_is_one_clear_line(tmp_path, learnable):
+    params = make_params(tmp_path)
+    split, feats = learnable["train"]
+    small = pairs_synset(split, feats, [0, 1])
+    small.images = small.images[:, :, :8, :8]
+    foreign = pairs_synset(split, feats, [0, 1])
+    foreign.meta["dataset"] = "coco"
+    negative = pairs_synset(split, feats, [0, 1], lr=-0.5)
+    other_space = pairs_synset(split, feats, [0, 1])
+    other_space.meta["text_encoder"] = "bert-base-uncased"
+    for synset, error, pattern in ((small, DataError, "another image size"), (foreign, ConfigError, "'coco'"),
+                                   (negative, DataError, "lr_img = -0.5"),
+                                   (other_space, ConfigError, "'bert-base-uncased' but text_encoder.name is 'minilm'")):
+        with pytest.raises(error, match=pattern) as info:
+            evaluate_synset(params, synset, "embedded", progress=False)
+        assert "\n" not in str(info.value)
 
 
 # ------------------------------------------------------------------------------- training
@@ -362,7 +381,8 @@ def test_run_evaluation_end_to_end_on_the_embedded_dataset(tmp_path, monkeypatch
     raw = tiny_params_dict(tmp_path / "work")
     raw["datasets"]["embedded"]["embedded"] = {"n_train": 10, "n_val": 10, "n_test": 10, "captions_per_image": 1,
                                                "seed": 0}
-    raw["evaluate"] = {"num_eval": 2, "epochs": 2, "eval_every": 2}
+    raw["evaluate"] = {"num_eval": 2, "epochs": 2, "eval_every": 2, "whole_epochs": 1}
+    raw["experts"] = {"batch_size": 5}
     params = Params.model_validate(raw)
     prepare_dataset(params, "embedded")
     embed_dataset(params, "embedded")
@@ -399,7 +419,11 @@ def test_run_evaluation_end_to_end_on_the_embedded_dataset(tmp_path, monkeypatch
     assert finals["last_tr10_std"] == result["summary"]["last"]["tr10"]["std"]
     assert tracker.tags == {"text_transfer": "none"} and tracker.artifacts == [str(out)]
 
-    from lors.errors import DataError
-
     with pytest.raises(DataError, match="synthetic set not found"):
         run_evaluation(params, "embedded", 8, "random")
+
+    whole = run_evaluation(params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"num_eval": 1})}),
+                           "embedded", 123, "whole")
+    assert whole == Layout(params.work_dir).evaluation("embedded", 0, "whole", "test_nfnet+minilm")
+    result = json.loads(whole.read_text())
+    assert (result["budget"], result["n_pairs"], result["loss"], result["networks"][0]["epochs"]) == (0, 10, "infonce", [1])

@@ -83,11 +83,11 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 def test_unknown_key_is_one_line(tmp_path):
     data = yaml.safe_load((PROFILES / "demo.yaml").read_text())
-    data["distill"]["settings"]["embedded"][10]["lr_imgg"] = 1
+    data["distill"]["settings"]["embedded"][20]["lr_imgg"] = 1
     with pytest.raises(ConfigError) as err:
         load_params(_write(tmp_path, data))
     message = str(err.value)
-    assert "\n" not in message and "distill.settings.embedded.10.lr_imgg" in message
+    assert "\n" not in message and "distill.settings.embedded.20.lr_imgg" in message
 
 
 def test_wrong_type_is_one_line(tmp_path):
@@ -123,3 +123,10 @@ def test_apply_profile_refuses_an_invalid_profile(tmp_path):
     with pytest.raises(ConfigError):
         apply_profile("broken", target, bad)
     assert target.read_text() == "keep: me\n"
+
+
+def test_grid_arch_must_be_a_plain_file_name(tmp_path):
+    data = yaml.safe_load((PROFILES / "demo.yaml").read_text())
+    data["grid"]["archs"] = ["test_resnet+minilm:cls"]
+    with pytest.raises(ConfigError, match="grid.archs: .*not a plain file name"):
+        load_params(_write(tmp_path, data))

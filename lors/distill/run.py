@@ -36,6 +36,7 @@ from lors.models import FunctionalDualEncoder, build_dual_encoder
 from lors.paths import Layout
 from lors.runtime import resolve_device, seed_everything
 from lors.synset import FILENAME as SYNSET_FILENAME
+from lors.synset import SyntheticSet
 from lors.tracking import Tracker, stage_run
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,16 @@ def _write_loss_csv(path: Path, history: list[dict[str, float]]) -> None:
             writer.writerow([row["iteration"], row["matching_loss"], row["lr_img"], row["lr_txt"]])
 
 
+def _log_artifacts(params: Params, dataset: str, tracker: Tracker, synset: SyntheticSet) -> None:
+    """Image grid, nearest real captions and similarity figure of the final set (tracked runs only)."""
+    if tracker.active:
+        from lors.artifacts import log_synset_artifacts
+        from lors.data import load_split, load_text_features
+
+        log_synset_artifacts(tracker, synset, load_split(params, dataset, "train").captions,
+                             load_text_features(params, dataset, "train"))
+
+
 def run_distillation(params: Params, dataset: str, budget: int, method: str,
                      eval_hook: EvalHook | None = None) -> Path:
     """Distil `dataset` to `budget` pairs with `method`; returns the synthetic-set folder.
@@ -285,7 +296,8 @@ def run_distillation(params: Params, dataset: str, budget: int, method: str,
                             eval_hook=eval_hook, synset_meta=meta, tracker=tracker, label=label)
         out = layout.synset(dataset, budget, method)
         updates = len(loop.history)
-        syn.to_synset({**meta, "iterations": updates}).save(out / SYNSET_FILENAME)
+        synset = syn.to_synset({**meta, "iterations": updates})
+        synset.save(out / SYNSET_FILENAME)
         _write_loss_csv(out / "loss.csv", loop.history)
         if loop.evaluations:
             write_json(out / "evaluations.json", loop.evaluations)
@@ -294,6 +306,7 @@ def run_distillation(params: Params, dataset: str, budget: int, method: str,
                                           "seconds_per_iteration": None if math.isnan(loop.seconds_per_iteration)
                                           else loop.seconds_per_iteration})
         tracker.log_artifact(out / "loss.csv")
+        _log_artifacts(params, dataset, tracker, synset)
     store.clear()
     log.info("%s: %d updates, final matching loss %.4f -> %s", label, updates, final, out)
     return out
