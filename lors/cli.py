@@ -97,8 +97,9 @@ def select(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: Pa
 @app.command()
 @_stage
 def evaluate(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: ParamsOpt = Path("params.yaml"),
-             arch: Annotated[Optional[str], typer.Option(help="IMAGE+TEXT encoders; default: the source ones")] = None) -> None:
-    """Train fresh networks on a synthetic set and measure test retrieval."""
+             arch: Annotated[Optional[str], typer.Option(
+                 help="IMAGE+TEXT[:cls|:mean] encoders (timm / transformers names; omitted or '-' = the source one)")] = None) -> None:
+    """Train fresh networks on a synthetic set (--method whole: on the full train split) and measure test retrieval."""
     from lors.evaluate import run_evaluation
 
     run_evaluation(_params(params), dataset, budget, method, arch=arch)
@@ -113,6 +114,15 @@ def report(params: ParamsOpt = Path("params.yaml"),
     from lors.report import build_reports
 
     build_reports(_params(params), out, [dataset] if dataset else None)
+
+
+@app.command()
+@_stage
+def track(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Write the pending run records of finished stages to MLflow (the report stage does this too)."""
+    from lors.tracking import flush_pending
+
+    typer.echo(f"{flush_pending(_params(params))} run(s) written to MLflow")
 
 
 @app.command()

@@ -1,73 +1,128 @@
-"""MLflow tracking for every stage run.
+"""MLflow tracking for every stage run, deferred so a stage never pays for importing MLflow.
 
-Stages call `stage_run(...)` and log through the returned tracker; with tracking disabled (or in
-unit tests) the tracker is a no-op, so library code never branches on MLflow. mlflow is imported
-only here and only when tracking is on, so a GPU box with just the ML stack can run every stage.
+Stages call `stage_run(...)` and log through the returned tracker. The tracker only records: params,
+tags, metric rows and artifact files go into a run record, a folder
+`<work_dir>/tracking/pending/<start>-<uuid>/` (record.json + artifacts/) that appears atomically when
+the stage ends. `flush_pending` later replays every record into the MLflow store in one process, so
+MLflow is imported once per repro (by the report stage or `lors-bench track`) instead of once per
+stage; `tracking.defer: false` flushes a record right after its stage instead. With tracking disabled
+(or in unit tests) the tracker is a no-op, so library code never branches on MLflow.
 
-Parallel runs (`dvc exp run --queue` + `dvc queue start -j N`) share one sqlite store: its path is
-resolved against the parent repository (DVC_ROOT, set by DVC for queued experiments that run in
-temporary copies), writers wait on a busy timeout instead of failing, and store creation plus run
-start are serialised by a file lock so workers starting together do not race the schema migration.
+Parallel runs (`dvc exp run --queue` + `dvc queue start -j N`) share one record folder and one sqlite
+store, both resolved against the parent repository (DVC_ROOT, set by DVC for queued experiments that
+run in temporary copies). A flusher claims a record by renaming it into its own `flushing-<pid>/`
+folder, so concurrent flushers never replay one record twice; a record leaves the disk only after its
+run is complete in the store, and each run carries the record's uuid (tag `lors_record_id`), so a
+flush that crashed midway is redone, not duplicated. Store writers wait on a busy timeout, and store
+creation is serialised by a file lock so workers starting together do not race the schema migration.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import shutil
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from lors.config import Params
-from lors.io import sha256_json
+from lors.errors import LorsError
+from lors.io import atomic_path, read_json, sha256_json
 
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_S = 120
-MAX_PARAMS_PER_CALL = 100  # MLflow's batch limit
+MAX_PARAMS_PER_CALL = 100  # MLflow's batch limit for params (and tags)
+MAX_METRICS_PER_CALL = 1000  # MLflow's batch limit for metrics
+MAX_PARAM_LENGTH = 500  # the shortest param value any MLflow store accepts
 SETUP_ATTEMPTS = 5
+RECORD_FILE = "record.json"
+ARTIFACTS = "artifacts"
+RECORD_ID_TAG = "lors_record_id"
+
+
+class RunRecord:
+    """Everything one stage run logs, kept in a folder until `flush_pending` writes it to MLflow."""
+
+    def __init__(self, folder: Path, record_id: str, run_name: str, uri: str, experiment: str,
+                 tags: Mapping[str, str]) -> None:
+        self.folder = folder
+        self.data: dict[str, Any] = {
+            "record_id": record_id, "run_name": run_name, "tracking_uri": uri, "experiment": experiment,
+            "start_time": _now_ms(), "end_time": None, "status": "RUNNING", "tags": dict(tags), "params": {},
+            "metrics": [],  # [key, value, step, timestamp_ms]
+        }
+
+    def artifact_path(self, name: str) -> Path:
+        """Where an artifact named `name` (a path relative to the run's artifact root) is kept."""
+        root = (self.folder / ARTIFACTS).resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise LorsError(f"artifact name '{name}' leaves the run's artifact folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def close(self, status: str) -> None:
+        self.data.update(status=status, end_time=_now_ms())
+        (self.folder / RECORD_FILE).write_text(json.dumps(self.data, indent=1))
 
 
 class Tracker:
-    """Logs to an active MLflow run, or nowhere when `mlflow` is None."""
+    """Records into a run record, or nowhere when `record` is None (tracking disabled)."""
 
-    def __init__(self, mlflow: Any = None) -> None:
-        self._mlflow = mlflow
+    def __init__(self, record: RunRecord | None = None) -> None:
+        self._record = record
 
     @property
     def active(self) -> bool:
-        return self._mlflow is not None
+        return self._record is not None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        if self._mlflow:
-            items = [(k, str(v)[:500]) for k, v in params.items()]
-            for start in range(0, len(items), MAX_PARAMS_PER_CALL):
-                self._mlflow.log_params(dict(items[start:start + MAX_PARAMS_PER_CALL]))
+        if self._record:
+            logged = self._record.data["params"]
+            for key, value in params.items():
+                value = str(value)[:MAX_PARAM_LENGTH]
+                if logged.setdefault(key, value) != value:  # MLflow params are immutable: the first stays
+                    log.warning("param %s logged again with another value (%s, kept %s)", key, value, logged[key])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if self._mlflow:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if self._record:
+            now = _now_ms()
+            self._record.data["metrics"].extend([k, float(v), int(step or 0), now] for k, v in metrics.items())
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
-        if self._mlflow:
-            self._mlflow.log_artifact(str(path), artifact_path=folder)
+        """Copy a file or folder now, so a later rerun of the stage cannot change what this run logged."""
+        if self._record:
+            path = Path(path)
+            target = self._record.artifact_path(f"{folder}/{path.name}" if folder else path.name)
+            if path.is_dir():
+                shutil.copytree(path, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(path, target)
 
     def log_figure(self, figure: Any, name: str) -> None:
-        if self._mlflow:
-            self._mlflow.log_figure(figure, name)
+        if self._record:
+            figure.savefig(self._record.artifact_path(name), format=Path(name).suffix[1:] or "png", dpi=120)
 
     def log_text(self, text: str, name: str) -> None:
-        if self._mlflow:
-            self._mlflow.log_text(text, name)
+        if self._record:
+            self._record.artifact_path(name).write_text(text)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self._mlflow:
-            self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        if self._record:
+            self._record.data["tags"].update({k: str(v) for k, v in tags.items()})
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def git_commit() -> str:
@@ -80,6 +135,16 @@ def git_commit() -> str:
 def repo_root() -> Path:
     """The repository whose store runs belong to: DVC's parent repo for queued experiments, else cwd."""
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_enabled(params: Params) -> bool:
+    return params.tracking.enabled and os.environ.get("LORS_TRACKING", "1") != "0"
+
+
+def tracking_dir(params: Params) -> Path:
+    """`<work_dir>/tracking`, a relative work_dir taken against `repo_root()` so queue workers share it."""
+    work = Path(params.work_dir)
+    return (work if work.is_absolute() else repo_root() / work) / "tracking"
 
 
 def tracking_uri(params: Params) -> str:
@@ -130,8 +195,43 @@ def run_tags(params: Params, stage: str, tags: Mapping[str, Any] | None = None) 
 
 
 @contextlib.contextmanager
+def stage_run(params: Params, stage: str, name: str, tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
+    """A run record for one stage invocation: all params, tags for grouping, then whatever the stage logs.
+
+    The record is FINISHED, or FAILED when the block raises (the error propagates); with
+    `tracking.defer: false` it is written to MLflow right away.
+    """
+    if not tracking_enabled(params):
+        yield Tracker()
+        return
+    record_id = uuid.uuid4().hex
+    failure: BaseException | None = None
+    with atomic_path(tracking_dir(params) / "pending" / f"{time.strftime('%Y%m%dT%H%M%S')}-{record_id}") as folder:
+        folder.mkdir()
+        record = RunRecord(folder, record_id, name, tracking_uri(params), params.tracking.experiment,
+                           run_tags(params, stage, tags))
+        tracker = Tracker(record)
+        tracker.log_params(flatten(params.model_dump(mode="json")))
+        try:
+            yield tracker
+        except BaseException as exc:  # noqa: BLE001 - recorded as FAILED, re-raised below
+            failure = exc
+        record.close("FAILED" if failure else "FINISHED")
+    if not params.tracking.defer:
+        try:
+            flush_pending(params)
+        except Exception as exc:  # noqa: BLE001 - the record is safe on disk; the stage's work is not lost
+            log.error("tracking: could not write this run to MLflow (%s); `lors-bench track` retries", exc)
+    if failure is not None:
+        raise failure
+
+
+# --- replay into MLflow ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
 def _setup_lock(uri: str) -> Iterator[None]:
-    """Serialise store creation and run start between local processes sharing one sqlite file."""
+    """Serialise store creation between local processes sharing one sqlite file."""
     db = sqlite_path(uri)
     if db is None:
         yield
@@ -145,23 +245,23 @@ def _setup_lock(uri: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _start_run_once(mlflow: Any, params: Params, uri: str, name: str, tags: dict[str, str]) -> Any:
+def _open_store_once(uri: str, experiment: str) -> tuple[Any, str]:
+    from mlflow.tracking import MlflowClient
+
     with _setup_lock(uri):
-        mlflow.set_tracking_uri(uri)
-        experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
-        if experiment is None:
-            location = (repo_root() / "mlartifacts").as_uri() if sqlite_path(uri) else None
-            experiment_id = mlflow.create_experiment(params.tracking.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
-        return mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags)
+        client = MlflowClient(tracking_uri=uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            return client, found.experiment_id
+        location = (repo_root() / "mlartifacts").as_uri() if sqlite_path(uri) else None
+        return client, client.create_experiment(experiment, artifact_location=location)
 
 
-def _start_run(mlflow: Any, params: Params, uri: str, name: str, tags: dict[str, str]) -> Any:
-    """Select (or create) the experiment and start a run, retrying transient store errors."""
+def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
+    """A client on the store and the experiment's id (created if new), retrying transient store errors."""
     for attempt in range(1, SETUP_ATTEMPTS + 1):
         try:
-            return _start_run_once(mlflow, params, uri, name, tags)
+            return _open_store_once(uri, experiment)
         except Exception as exc:  # noqa: BLE001 - the store's error types depend on its backend
             if attempt == SETUP_ATTEMPTS:
                 raise
@@ -169,16 +269,91 @@ def _start_run(mlflow: Any, params: Params, uri: str, name: str, tags: dict[str,
             time.sleep(0.5 * 2**attempt)
 
 
-@contextlib.contextmanager
-def stage_run(params: Params, stage: str, name: str, tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
-    """An MLflow run for one stage invocation: all params, tags for grouping, then whatever the stage logs."""
-    if not params.tracking.enabled or os.environ.get("LORS_TRACKING", "1") == "0":
-        yield Tracker()
-        return
-    import mlflow
+def _replay(client: Any, experiment_id: str, folder: Path, record: dict[str, Any]) -> None:
+    """Write one record as a run; a run it left half-written before is deleted and written anew."""
+    from mlflow.entities import Metric, Param, ViewType
 
-    uri = tracking_uri(params)
-    with _start_run(mlflow, params, uri, name, run_tags(params, stage, tags)):
-        tracker = Tracker(mlflow)
-        tracker.log_params(flatten(params.model_dump(mode="json")))
-        yield tracker
+    record_id = record["record_id"]
+    for run in client.search_runs([experiment_id], f"tags.{RECORD_ID_TAG} = '{record_id}'", ViewType.ACTIVE_ONLY):
+        if run.info.status != "RUNNING":  # complete: only the record's removal was missed
+            return
+        client.delete_run(run.info.run_id)
+    run = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["run_name"],
+                            tags={**record["tags"], RECORD_ID_TAG: record_id})
+    run_id = run.info.run_id
+    params = [Param(k, v) for k, v in record["params"].items()]
+    for start in range(0, len(params), MAX_PARAMS_PER_CALL):
+        client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_CALL])
+    metrics = [Metric(key, value, timestamp, step) for key, value, step, timestamp in record["metrics"]]
+    for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
+        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])
+    if (folder / ARTIFACTS).is_dir():
+        client.log_artifacts(run_id, str(folder / ARTIFACTS))
+    client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release_stale_claims(root: Path) -> None:
+    """Put back records claimed by flushers that died (or by an earlier failed flush of this process)."""
+    for claimed in root.glob("flushing-*"):
+        pid = claimed.name.removeprefix("flushing-")
+        if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            for folder in claimed.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(folder, root / "pending" / folder.name)
+            with contextlib.suppress(OSError):
+                claimed.rmdir()
+
+
+def flush_pending(params: Params) -> int:
+    """Write every pending run record to MLflow and remove it; return how many records left the queue.
+
+    Records that fail stay pending (a later flush retries them) and end in one LorsError once the
+    others are written.
+    """
+    root = tracking_dir(params)
+    if not tracking_enabled(params) or not (root / "pending").is_dir():
+        return 0
+    _release_stale_claims(root)
+    names = sorted(p.name for p in (root / "pending").iterdir() if not p.name.startswith("."))
+    if not names:
+        return 0
+    began = time.monotonic()
+    mine = root / f"flushing-{os.getpid()}"
+    mine.mkdir(exist_ok=True)
+    stores: dict[tuple[str, str], tuple[Any, str]] = {}
+    written, failed = 0, []
+    try:
+        for name in names:
+            folder = mine / name
+            try:
+                os.rename(root / "pending" / name, folder)  # the claim: exactly one flusher wins
+            except FileNotFoundError:
+                continue
+            try:
+                record = read_json(folder / RECORD_FILE)
+                key = (record["tracking_uri"], record["experiment"])
+                if key not in stores:
+                    stores[key] = _open_store(*key)
+                _replay(*stores[key], folder, record)
+            except Exception as exc:  # noqa: BLE001 - one bad record must not hold back the others
+                failed.append(f"{name}: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}")
+                continue
+            shutil.rmtree(folder)
+            written += 1
+    finally:
+        _release_stale_claims(root)  # failed or interrupted records go back to pending
+    log.info("tracking: %d run(s) written to MLflow in %.1f s", written, time.monotonic() - began)
+    if failed:
+        raise LorsError(f"tracking: {len(failed)} run record(s) stay pending in {root / 'pending'} "
+                        f"(first: {failed[0]}); rerun `lors-bench track`")
+    return written

@@ -1,4 +1,5 @@
-"""MLflow tracking: store location, grouping tags, concurrent writers, read back through a real server."""
+"""MLflow tracking: run records written without MLflow, replayed into a store once, crash-safe and
+concurrency-safe flushing, store location, grouping tags, and runs read back through a real server."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from lors.config import Params
-from lors.tracking import Tracker, flatten, run_group, run_tags, stage_run, tracking_uri
+from lors.errors import LorsError
+from lors.tracking import (RECORD_ID_TAG, Tracker, flatten, flush_pending, run_group, run_tags, stage_run,
+                           tracking_dir, tracking_uri)
 from tests.conftest import tiny_params_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +25,7 @@ SERVER_START_S = 240  # the server imports slowly on a busy 2-core machine
 WORKER = """
 import sys
 from lors.config import Params
-from lors.tracking import stage_run
+from lors.tracking import flush_pending, stage_run
 from tests.conftest import tiny_params_dict
 d = tiny_params_dict(sys.argv[1]); d["tracking"] = {"uri": sys.argv[2], "experiment": "concurrent"}
 p = Params.model_validate(d)
@@ -30,7 +33,34 @@ with stage_run(p, "evaluate", f"worker-{sys.argv[3]}", {"dataset": "embedded", "
     for step in range(5):
         t.log_metrics({"r_mean": float(sys.argv[3]) + step}, step=step)
     t.log_text("hello", "notes/hello.txt")
+flush_pending(p)  # what each queue worker's report stage does
 """
+FLUSHER = """
+import pathlib, sys, time
+import mlflow  # imported before the start signal, so the flushes overlap
+from lors.config import Params
+from lors.tracking import flush_pending
+pathlib.Path(sys.argv[2] + ".ready").touch()
+while not pathlib.Path(sys.argv[3]).exists():
+    time.sleep(0.05)
+print(flush_pending(Params.model_validate_json(sys.argv[1])))
+"""
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Path:
+    """One sqlite store for the in-process tests (each uses its own experiment): created once, as it is slow."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture
+def tracked(monkeypatch, store_dir):
+    """Tracking on, artifacts under `store_dir`, no grouping from the environment."""
+    monkeypatch.setenv("LORS_TRACKING", "1")
+    monkeypatch.setenv("DVC_ROOT", str(store_dir))
+    for name in ("MLFLOW_TRACKING_URI", "LORS_RUN_GROUP", "DVC_EXP_NAME", "DVC_STAGE"):
+        monkeypatch.delenv(name, raising=False)
+    return store_dir
 
 
 def _params(tmp_path: Path, **tracking) -> Params:
@@ -39,10 +69,36 @@ def _params(tmp_path: Path, **tracking) -> Params:
     return Params.model_validate(data)
 
 
+def _store_params(tmp_path: Path, store_dir: Path, experiment: str, **tracking) -> Params:
+    return _params(tmp_path, uri=f"sqlite:///{store_dir / 'mlflow.db'}", experiment=experiment, **tracking)
+
+
+def _runs(params: Params) -> list:
+    """The active runs of the params' experiment, read straight from the store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(params))
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    return [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _pending(params: Params) -> list[Path]:
+    folder = tracking_dir(params) / "pending"
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".")) if folder.is_dir() else []
+
+
+def _record(params: Params, index: int) -> None:
+    with stage_run(params, "evaluate", f"run-{index}", {"index": index}) as tracker:
+        tracker.log_metrics({"loss": 1.0 / (index + 1)}, step=index)
+        tracker.log_text(f"record {index}", "notes/index.txt")
+
+
 def test_relative_sqlite_store_lives_in_the_parent_repo(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))  # what DVC sets for queued experiments
     assert tracking_uri(_params(tmp_path)) == f"sqlite:///{tmp_path}/repo/mlflow.db?timeout=120"
+    relative = _params(tmp_path).model_copy(update={"work_dir": Path("work")})
+    assert tracking_dir(relative) == tmp_path / "repo" / "work" / "tracking"  # records outlive the temp copy
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri(_params(tmp_path)) == "http://127.0.0.1:5000"
 
@@ -66,9 +122,153 @@ def test_tags_group_runs_and_name_the_stage(tmp_path, monkeypatch):
 def test_flatten_and_disabled_tracking(tmp_path, monkeypatch):
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": {}}) == {"a.b": 1, "a.c.d": None, "e": {}}
     monkeypatch.setenv("LORS_TRACKING", "0")
-    with stage_run(_params(tmp_path), "prepare", "x") as tracker:
+    params = _params(tmp_path)
+    with stage_run(params, "prepare", "x") as tracker:
         assert isinstance(tracker, Tracker) and not tracker.active
         tracker.log_metrics({"a": 1.0})  # a no-op, never an error
+    assert not tracking_dir(params).exists() and flush_pending(params) == 0  # no record at all
+
+
+def test_records_are_written_without_mlflow_then_replayed(tmp_path, tracked, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = _store_params(tmp_path, tracked, "replay")
+    monkeypatch.setenv("LORS_RUN_GROUP", "repro-7")
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # any `import mlflow` while recording fails
+    source = tmp_path / "result.json"
+    source.write_text('{"r_mean": 1}')
+    figure, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    with stage_run(params, "evaluate", "embedded/lors-20", {"dataset": "embedded", "budget": 20}) as tracker:
+        assert tracker.active
+        tracker.log_params({"num_eval": 2, **{f"sweep.{i}": i for i in range(150)}})  # more than one batch
+        for step in range(3):
+            tracker.log_metrics({"r_mean": 10.0 + step, "loss": 1.0 / (step + 1)}, step=step)
+        tracker.set_tags({"text_transfer": "reference"})
+        tracker.log_artifact(source)
+        tracker.log_artifact(source, "copies")
+        tracker.log_text("some notes", "notes/readme.txt")
+        tracker.log_figure(figure, "plots/curve.png")
+    plt.close(figure)
+    source.write_text('{"r_mean": 2}')  # a later rerun of the stage must not change the logged artifact
+    with pytest.raises(ValueError, match="diverged"):
+        with stage_run(params, "distill", "embedded/mtt_vl-20", {"dataset": "embedded"}) as tracker:
+            tracker.log_metrics({"matching_loss": 0.5}, step=4)
+            raise ValueError("diverged")
+    records = _pending(params)
+    assert len(records) == 2 and all((r / "record.json").is_file() for r in records)
+    assert {json.loads((r / "record.json").read_text())["status"] for r in records} == {"FINISHED", "FAILED"}
+
+    monkeypatch.delitem(sys.modules, "mlflow")
+    assert flush_pending(params) == 2
+    assert _pending(params) == [] and flush_pending(params) == 0
+    runs = {run.info.run_name: run for run in _runs(params)}
+    assert set(runs) == {"embedded/lors-20", "embedded/mtt_vl-20"}
+    good, failed = runs["embedded/lors-20"], runs["embedded/mtt_vl-20"]
+    assert good.info.status == "FINISHED" and failed.info.status == "FAILED"
+    assert good.info.start_time <= good.info.end_time
+    tags = good.data.tags
+    assert tags["run_group"] == "repro-7" == failed.data.tags["run_group"]
+    assert tags["stage"] == "evaluate" and tags["budget"] == "20" and tags["text_transfer"] == "reference"
+    assert tags[RECORD_ID_TAG] != failed.data.tags[RECORD_ID_TAG]
+    assert good.data.params["num_eval"] == "2" and good.data.params["model.image_encoder"] == "test_nfnet"
+    assert good.data.params["distill.default.rank"] == "4" and good.data.params["sweep.149"] == "149"
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(params))
+    history = client.get_metric_history(good.info.run_id, "r_mean")
+    assert sorted((m.step, m.value) for m in history) == [(0, 10.0), (1, 11.0), (2, 12.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(failed.info.run_id, "matching_loss")] == [(4, 0.5)]
+    local = Path(client.download_artifacts(good.info.run_id, "", str(tmp_path / "download")))
+    assert (local / "result.json").read_text() == '{"r_mean": 1}' == (local / "copies/result.json").read_text()
+    assert (local / "notes/readme.txt").read_text() == "some notes"
+    assert (local / "plots/curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert good.info.artifact_uri.startswith((tracked / "mlartifacts").as_uri())
+
+
+def test_crashed_flush_is_redone_without_duplicates(tmp_path, tracked, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    params = _store_params(tmp_path, tracked, "crash")
+    for index in range(3):
+        _record(params, index)
+
+    def lose_the_disk(*args, **kwargs):
+        raise OSError("disk gone")
+
+    with monkeypatch.context() as patch:  # dies after the run was created and half written
+        patch.setattr(MlflowClient, "log_artifacts", lose_the_disk)
+        with pytest.raises(LorsError, match="3 run record"):
+            flush_pending(params)
+    assert len(_pending(params)) == 3 and {r.info.status for r in _runs(params)} == {"RUNNING"}
+
+    terminate = MlflowClient.set_terminated
+
+    def terminate_then_die(self, *args, **kwargs):
+        terminate(self, *args, **kwargs)
+        raise KeyboardInterrupt  # killed after the run was complete, before its record was removed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_terminated", terminate_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            flush_pending(params)
+    assert len(_pending(params)) == 3
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    claimed = tracking_dir(params) / f"flushing-{int(dead.stdout)}"  # a flusher that was killed mid-claim
+    claimed.mkdir()
+    _pending(params)[-1].rename(claimed / _pending(params)[-1].name)
+
+    assert flush_pending(params) == 3
+    runs = _runs(params)
+    assert sorted(r.info.run_name for r in runs) == ["run-0", "run-1", "run-2"]
+    assert {r.info.status for r in runs} == {"FINISHED"} and len({r.data.tags[RECORD_ID_TAG] for r in runs}) == 3
+    assert not claimed.exists() and _pending(params) == []
+    assert MlflowClient(tracking_uri(params)).list_artifacts(runs[0].info.run_id, "notes")[0].path == "notes/index.txt"
+
+
+def test_concurrent_flushers_write_each_run_once(tmp_path, tracked):
+    """Queue workers finishing together all flush the shared records (the slow test below does this on a
+    fresh store)."""
+    params = _store_params(tmp_path, tracked, "flushers")
+    for index in range(12):
+        _record(params, index)
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    flushers = [subprocess.Popen([sys.executable, "-c", FLUSHER, params.model_dump_json(), str(tmp_path / str(i)),
+                                  str(go)], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for i in range(3)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"{i}.ready").exists() for i in range(3)):
+            assert time.monotonic() < deadline and all(f.poll() is None for f in flushers), "a flusher did not start"
+            time.sleep(0.1)
+        go.touch()
+        outputs = [f.communicate(timeout=240) for f in flushers]
+    finally:
+        for flusher in flushers:
+            flusher.kill()
+    for flusher, (out, err) in zip(flushers, outputs):
+        assert flusher.returncode == 0, err.decode()[-2000:]
+    assert sum(int(out.decode().split()[-1]) for out, _ in outputs) == 12
+    runs = _runs(params)
+    assert sorted(r.info.run_name for r in runs) == sorted(f"run-{i}" for i in range(12))
+    assert len({r.data.tags[RECORD_ID_TAG] for r in runs}) == 12 and {r.info.status for r in runs} == {"FINISHED"}
+    assert _pending(params) == [] and not list(tracking_dir(params).glob("flushing-*"))
+
+
+def test_defer_false_logs_right_away(tmp_path, tracked):
+    params = _store_params(tmp_path, tracked, "immediate", defer=False)
+    with stage_run(params, "distill", "manual", {"dataset": "embedded"}) as tracker:
+        tracker.log_metrics({"matching_loss": 0.25}, step=1)
+    assert _pending(params) == []
+    (run,) = _runs(params)
+    assert run.info.run_name == "manual" and run.data.metrics == {"matching_loss": 0.25}
+    assert run.info.status == "FINISHED"
 
 
 def _free_port() -> int:
