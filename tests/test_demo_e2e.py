@@ -22,7 +22,7 @@ def _ci_params() -> dict:
                          ["random", "herding"], "select_budgets": [10], "archs": ["test_resnet+minilm"]})
     data["datasets"]["embedded"].update({"image_size": 16, "embedded": {"n_train": 60, "n_val": 20, "n_test": 20,
                                                                       "captions_per_image": 5, "seed": 0}})
-    data["distill"]["settings"]["embedded"] = {10: {**data["distill"]["settings"]["embedded"][10],
+    data["distill"]["settings"]["embedded"] = {10: {**data["distill"]["settings"]["embedded"][20],
                                                     "iterations": 4, "eval_every": 0, "syn_steps": 2}}
     data["experts"].update({"num_experts": 1, "batch_size": 32})
     data["evaluate"].update({"num_eval": 1, "epochs": 2, "eval_every": 1, "whole_epochs": 1})
