@@ -62,6 +62,9 @@ def test_encoder_is_deterministic_and_batch_independent(minilm: tf.TextEncoder) 
     pieces = tf.encode_captions(CAPTIONS, cfg.model_copy(update={"batch_size": 1}), "cpu", minilm)
     torch.testing.assert_close(whole, pieces, atol=2e-5, rtol=1e-4)
     assert tf.encode_captions([], cfg, "cpu", minilm).shape == (0, 384)
+    repeated = [CAPTIONS[-1], *CAPTIONS, CAPTIONS[0]]  # duplicates are encoded once, rows keep their order
+    torch.testing.assert_close(tf.encode_captions(repeated, cfg, "cpu", minilm),
+                               torch.cat([whole[-1:], whole, whole[:1]]), atol=2e-5, rtol=1e-4)
 
 
 def test_unknown_names_fail_with_one_line(tmp_path: Path, monkeypatch) -> None:

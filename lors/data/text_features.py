@@ -89,15 +89,22 @@ def load_text_encoder(name: str, device: torch.device) -> TextEncoder:
 @torch.inference_mode()
 def encode_captions(captions: list[str], cfg: TextEncoderConfig, device: torch.device | str = "cpu",
                     encoder: TextEncoder | None = None) -> torch.Tensor:
-    """Captions -> (n, d) float32 CPU features with `cfg.pooling` (cls: token 0; mean: masked mean)."""
+    """Captions -> (n, d) float32 CPU features with `cfg.pooling` (cls: token 0; mean: masked mean).
+
+    Each distinct caption is encoded once, in batches of similar length, so little compute goes to
+    padding; the features do not depend on the batching (padding is masked out).
+    """
     device = torch.device(device)
     encoder = encoder or load_text_encoder(cfg.name, device)
     max_length = min(MAX_TOKENS, getattr(encoder.tokenizer, "model_max_length", MAX_TOKENS))
+    distinct = list(dict.fromkeys(captions))
+    by_length = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
     chunks = []
-    for start in tqdm(range(0, len(captions), cfg.batch_size), desc=f"encode {cfg.name}", unit="batch",
-                      disable=len(captions) <= cfg.batch_size):
-        batch = encoder.tokenizer(captions[start:start + cfg.batch_size], padding="longest", truncation=True,
-                                  max_length=max_length, return_tensors="pt").to(encoder.device)
+    for start in tqdm(range(0, len(distinct), cfg.batch_size), desc=f"encode {cfg.name}", unit="batch",
+                      disable=len(distinct) <= cfg.batch_size):
+        texts = [distinct[i] for i in by_length[start:start + cfg.batch_size]]
+        batch = encoder.tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
+                                  return_tensors="pt").to(encoder.device)
         hidden = encoder.model(**batch).last_hidden_state.float()
         if cfg.pooling == "cls":
             pooled = hidden[:, 0]
@@ -107,7 +114,10 @@ def encode_captions(captions: list[str], cfg: TextEncoderConfig, device: torch.d
         chunks.append(pooled.cpu())
     if not chunks:
         return torch.empty(0, encoder.model.config.hidden_size)
-    return torch.cat(chunks)
+    features = torch.empty(len(distinct), chunks[0].shape[1])
+    features[torch.tensor(by_length)] = torch.cat(chunks)
+    row = {caption: i for i, caption in enumerate(distinct)}
+    return features[torch.tensor([row[c] for c in captions])]
 
 
 def embed_dataset(params: Params, dataset: str) -> Path:
