@@ -26,6 +26,7 @@ from lors.data.readers import (FLICKR8K_SPLIT_LISTS, FLICKR8K_TOKENS, SPLITS, Ra
 from lors.errors import DataError
 from lors.io import read_json, sha256_file, sha256_json, write_json
 from lors.paths import Layout
+from lors.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ def prepare_dataset(params: Params, dataset: str) -> Path:
     })
     log.info("%s: prepared %s", dataset, ", ".join(f"{s} {v['n_images']} images/{v['n_captions']} captions"
                                                    for s, v in summaries.items()))
+    with stage_run(params, "prepare", f"prepare/{dataset}", {"dataset": dataset}) as tracker:
+        tracker.log_params({"dataset": dataset, **common, "input_hash": input_hash})
+        tracker.log_metrics({f"{split}_{key}": value for split, summary in summaries.items()
+                             for key, value in summary.items() if isinstance(value, (int, float))})
+        tracker.log_artifact(out / "manifest.json")
     return out
 
 

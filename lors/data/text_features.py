@@ -23,6 +23,7 @@ from lors.errors import ConfigError
 from lors.io import atomic_path, read_json, sha256_file, sha256_json, write_json
 from lors.paths import Layout
 from lors.runtime import resolve_device
+from lors.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -156,4 +157,9 @@ def embed_dataset(params: Params, dataset: str) -> Path:
         write_json(manifest_path, manifest)
     if encoder is None:
         log.info("%s: text features for %s are up to date; nothing to do", dataset, cfg.name)
+        return out
+    with stage_run(params, "embed_text", f"embed_text/{dataset}", {"dataset": dataset}) as tracker:
+        tracker.log_params({"dataset": dataset, **cfg.model_dump()})
+        tracker.log_metrics({f"{split}_captions": entry["n"] for split, entry in manifest["splits"].items()})
+        tracker.log_artifact(manifest_path)
     return out
