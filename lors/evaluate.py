@@ -31,7 +31,7 @@ from lors.io import sha256_file, sha256_json, slug, write_json
 from lors.metrics import METRICS
 from lors.models import DualEncoder, build_dual_encoder
 from lors.paths import Layout
-from lors.runtime import resolve_device, seed_everything
+from lors.runtime import member_seed, resolve_device, seed_everything
 from lors.synset import FILENAME, SyntheticSet
 from lors.tracking import Tracker, stage_run
 
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 WHOLE = "whole"
 NetworkHook = Callable[[int, dict], None]
-
-
-def network_seed(params: Params, k: int) -> int:
-    return params.seed * 1000 + k
 
 
 def _retrieval_splits(params: Params, dataset: str, arch: EvalArch, device: torch.device) -> dict[str, RetrievalSplit]:
@@ -71,7 +67,7 @@ def _evaluate_networks(params: Params, train_one: Callable[[torch.Generator], di
     for k in tqdm(range(num_eval), desc=desc, disable=not progress):
         record = cache.load(k) if cache else None
         if record is None:
-            seed = network_seed(params, k)
+            seed = member_seed(params.seed, k)
             start = time.perf_counter()
             curve = train_one(seed_everything(seed))
             if not all(math.isfinite(loss) for loss in curve["loss"]):

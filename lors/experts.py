@@ -36,20 +36,15 @@ from lors.losses import infonce
 from lors.models import DualEncoder, FlatParams, build_dual_encoder, check_image_encoder_name
 from lors.paths import Layout
 from lors.retrieval import test_retrieval
-from lors.runtime import resolve_device, seed_everything
+from lors.runtime import SEEDS_PER_RUN, member_seed, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
 FILE_PATTERN = "expert_[0-9][0-9][0-9].safetensors"
-SEEDS_PER_RUN = 1000  # expert i of a run with seed s uses seed s * 1000 + i
 
 
 def expert_file(directory: Path, index: int) -> Path:
     return Path(directory) / f"expert_{index:03d}.safetensors"
-
-
-def expert_seed(seed: int, index: int) -> int:
-    return seed * SEEDS_PER_RUN + index
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -394,8 +389,8 @@ def _fingerprint(params: Params, dataset: str, index: int, epochs: int) -> dict[
     return {"dataset": dataset, "image_encoder": m.image_encoder, "text_encoder": params.text_encoder.name,
             "pretrained": m.pretrained, "temperature": m.temperature, "text_head_dropout": m.text_head_dropout,
             "image_size": params.dataset(dataset).image_size, "epochs": epochs,
-            "seed": expert_seed(params.seed, index), "lr_img": e.lr_img, "lr_txt": e.lr_txt,
-            "batch_size": e.batch_size, "augment": e.augment,
+            "seed": member_seed(params.seed, index), "lr_img": e.lr_img, "lr_txt": e.lr_txt,
+            "batch_size": e.batch_size, "augment": e.augment, "amp": e.amp, "channels_last": e.channels_last,
             "prepared_manifest_sha256": _manifest_hash(layout.prepared(dataset)),
             "text_features_manifest_sha256": _manifest_hash(layout.text_features(dataset, params.text_encoder.name))}
 

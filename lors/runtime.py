@@ -28,3 +28,12 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+SEEDS_PER_RUN = 1000
+
+
+def member_seed(seed: int, index: int) -> int:
+    """Seed of the index-th independent network of a run (expert i, evaluated network k): seed*1000+i,
+    so each member is reproducible alone, whatever the sharding or resumption."""
+    return seed * SEEDS_PER_RUN + index

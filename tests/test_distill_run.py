@@ -177,6 +177,8 @@ def test_initialisation_budget_and_noise():
     torch.testing.assert_close(images, normalize(torch.as_tensor(images_uint8[txt2img[rows.numpy()]])))
     with pytest.raises(ConfigError, match="needs 8 pairs but the training split has only 7 caption rows"):
         real_init(images_uint8, txt2img, features, 8, torch.Generator(), None)
+    with pytest.raises(ConfigError, match="at least one synthetic pair"):  # LoRS at budget 1 pays it all for S~
+        real_init(images_uint8, txt2img, features, n_synthetic_pairs("lors", 1, "reference"), torch.Generator(), None)
     noise_images, noise_texts = noise_init(2000, 4, 3, torch.Generator().manual_seed(0))
     assert noise_images[:, 0].mean().item() == pytest.approx(-0.0626, abs=0.02)
     assert noise_images[:, 2].std().item() == pytest.approx(1.0539, abs=0.02)

@@ -128,3 +128,23 @@ def test_cli_embed_text_caches_features(tmp_path: Path, minilm: tf.TextEncoder) 
     assert runner.invoke(app, ["embed-text", "-d", "embedded", "-p", str(cls_file)]).exit_code == 0
     cls_features = load_text_features(cls_params, "embedded", "test")
     assert not torch.allclose(cls_features, expected)
+
+
+def test_features_of_other_captions_are_refused(tiny_params) -> None:
+    """Features left from an earlier prepare must not be paired with the new captions."""
+    import json
+
+    from lors.data import load_text_features
+    from lors.data.prepare import prepare_dataset
+    from lors.errors import DataError
+    from lors.paths import Layout
+
+    prepare_dataset(tiny_params, "embedded")
+    tf.embed_dataset(tiny_params, "embedded")
+    assert load_text_features(tiny_params, "embedded", "test").shape[0] == 100
+    meta_path = Layout(tiny_params.work_dir).prepared("embedded") / "test.json"
+    meta = json.loads(meta_path.read_text())
+    meta["captions"][0] = "a caption the features were not computed from"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="encodes other captions than the prepared test split"):
+        load_text_features(tiny_params, "embedded", "test")

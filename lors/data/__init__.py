@@ -16,7 +16,7 @@ from lors.data.captions import pre_caption
 from lors.data.image_store import open_image_store
 from lors.data.readers import SPLITS
 from lors.errors import DataError
-from lors.io import read_json
+from lors.io import read_json, sha256_json
 from lors.paths import Layout
 
 __all__ = ["SPLITS", "Split", "load_split", "load_text_features", "pre_caption"]
@@ -82,4 +82,7 @@ def load_text_features(params: Params, dataset: str, split: str) -> torch.Tensor
                         f"'{encoder.pooling}': {hint}")
     if split not in manifest.get("splits", {}):
         raise DataError(f"{path}: not recorded in {folder / 'manifest.json'} (interrupted run?): {hint}")
+    if manifest["splits"][split].get("captions_hash") != sha256_json(load_split(params, dataset, split).captions):
+        raise DataError(f"{path}: encodes other captions than the prepared {split} split (stale after a new "
+                        f"prepare?): {hint}")
     return load_file(str(path))["features"]

@@ -219,7 +219,7 @@ def build_learnable_set(params: Params, dataset: str, budget: int, method: str, 
     split = load_split(params, dataset, "train")
     features = load_text_features(params, dataset, "train")
     n = n_synthetic_pairs(method, budget, params.protocol)
-    check_pool(budget, len(features), f"the training split of '{dataset}'")
+    check_pool(n, len(features), f"the training split of '{dataset}'")
     if setting.init == "noise":
         images, texts = noise_init(n, split.images.shape[-1], features.shape[1], generator)
         rows = None
@@ -279,7 +279,7 @@ def run_distillation(params: Params, dataset: str, budget: int, method: str,
             "image_size": int(syn.images.shape[-1]), "protocol": params.protocol, "seed": params.seed,
             "setting": setting.model_dump(), "init_rows": None if rows is None else rows.tolist()}
     fingerprint = sha256_json({**meta, "model": params.model.model_dump(), "text": params.text_encoder.model_dump(),
-                               "experts": [p.name for p in expert_paths]})
+                               "experts": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in expert_paths]})
     store = CheckpointStore(layout.checkpoints(dataset, f"distill/{method}-{budget}"), fingerprint)
     if eval_hook is None:
         def eval_hook(synset, iteration):  # noqa: ARG001 - the default hook evaluates on this dataset

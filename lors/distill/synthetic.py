@@ -72,6 +72,8 @@ def build_method_similarity(method: str, setting: DistillSetting, n: int) -> nn.
 
 
 def check_pool(n: int, n_rows: int, where: str = "the training split") -> None:
+    if n < 1:
+        raise ConfigError(f"distillation needs at least one synthetic pair, the budget gives {n}")
     if n > n_rows:
         raise ConfigError(f"distillation needs {n} pairs but {where} has only {n_rows} caption rows")
 

@@ -23,11 +23,6 @@ class EvalArch:
     source_text: bool  # True: `text` is the source encoder, the synthetic texts need no transfer
 
     @property
-    def text_spec(self) -> str:
-        """Encoder name plus pooling: two poolings of one model are two feature spaces."""
-        return f"{self.text.name}:{self.text.pooling}"
-
-    @property
     def name(self) -> str:
         return f"{self.image_encoder}+{self.text.name}" + ("" if self.source_text else f":{self.text.pooling}")
 

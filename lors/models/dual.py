@@ -24,10 +24,6 @@ class DualEncoder(nn.Module):
         self.text_head = TextProjectionHead(text_dim, image_feature_dim(image_encoder), text_head_dropout)
         self.temperature = temperature
 
-    @property
-    def embed_dim(self) -> int:
-        return image_feature_dim(self.image_encoder)
-
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_encoder(images), dim=-1)
 

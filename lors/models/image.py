@@ -6,6 +6,7 @@ import copy
 import functools
 
 import timm
+import torch
 from torch import nn
 
 from lors.errors import ConfigError
@@ -21,7 +22,10 @@ def check_image_encoder_name(name: str) -> None:
 @functools.lru_cache(maxsize=4)
 def _pretrained_backbone(name: str) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=True, num_classes=0)
+        # fork: timm draws a random init before loading weights, and only on the first (uncached) call,
+        # which would make the first network of a process start differently from later ones
+        with torch.random.fork_rng(devices=[]):
+            return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as exc:  # hub unreachable, no cached weights, ...
         raise ConfigError(
             f"cannot load pretrained weights for image encoder '{name}' ({exc.__class__.__name__}): "
