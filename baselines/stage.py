@@ -18,6 +18,7 @@ from baselines.features import PairPool, load_expert_embeddings, load_forgetting
 from baselines.ranking import Selection
 from baselines.registry import get_selector
 from lors.config import Params
+from lors.data.image_store import gather_images
 from lors.data.transforms import normalize
 from lors.errors import ConfigError
 from lors.io import write_json
@@ -44,8 +45,7 @@ def coreset_synset(images: np.ndarray, text_features: torch.Tensor, txt2img: np.
                    indices: torch.Tensor, lr_img: float, lr_txt: float, meta: dict) -> SyntheticSet:
     """The chosen caption rows as a synthetic set: real image, caption features, identity targets."""
     rows = indices.cpu().numpy()
-    pixels = torch.as_tensor(np.asarray(images[np.asarray(txt2img)[rows]]))
-    return SyntheticSet(images=normalize(pixels), texts=text_features[indices.cpu()].float(),
+    return SyntheticSet(images=normalize(gather_images(images, np.asarray(txt2img)[rows])), texts=text_features[indices.cpu()].float(),
                         similarity=IdentitySimilarity(len(rows)).matrix(), lr_img=lr_img, lr_txt=lr_txt,
                         meta={**meta, "indices": [int(r) for r in rows], "n_pairs": len(rows)})
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from lors.config import Params
 from lors.data.augment import train_augment
+from lors.data.image_store import gather_images
 from lors.data.transforms import normalize, to_unit
 from lors.errors import ConfigError, DataError
 from lors.io import atomic_path, sha256_file, slug, write_json
@@ -36,7 +37,7 @@ from lors.losses import infonce
 from lors.models import DualEncoder, FlatParams, build_dual_encoder, check_image_encoder_name
 from lors.paths import Layout
 from lors.retrieval import test_retrieval
-from lors.runtime import SEEDS_PER_RUN, member_seed, resolve_device, seed_everything
+from lors.runtime import SEEDS_PER_RUN, member_seed, resolve_device, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,6 @@ def make_expert_optimizer(model: DualEncoder, lr_img: float, lr_txt: float) -> t
                            lr=lr_img, momentum=0.0, weight_decay=0.0)
 
 
-def _gather_images(images: np.ndarray | torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(images, torch.Tensor):
-        return images[index.to(images.device)].to(device, non_blocking=True)
-    return torch.from_numpy(np.asarray(images[index.numpy()])).to(device, non_blocking=True)
-
-
 def train_contrastive_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer, images: np.ndarray | torch.Tensor,
                             text_features: torch.Tensor, txt2img: np.ndarray, *, batch_size: int,
                             generator: torch.Generator, device: torch.device, augment: bool = True,
@@ -116,7 +111,7 @@ def train_contrastive_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer
     total = torch.zeros((), device=device)
     for step in range(steps):
         rows = order[step * batch_size:(step + 1) * batch_size]
-        pixels = to_unit(_gather_images(images, txt2img[rows], device))
+        pixels = to_unit(gather_images(images, txt2img[rows]).to(device, non_blocking=True))
         if augment:
             pixels = train_augment(pixels, generator)
         pixels = normalize(pixels)
@@ -163,20 +158,6 @@ class ForgettingCounter:
 
 def _snapshot(model: DualEncoder, layouts: tuple[FlatParams, FlatParams]) -> tuple[torch.Tensor, torch.Tensor]:
     return (layouts[0].flatten(model.image_encoder).float().cpu(), layouts[1].flatten(model.text_head).float().cpu())
-
-
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @dataclass
@@ -246,7 +227,7 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
     history: list[dict[str, float]] = []
 
     def training_state() -> dict[str, Any]:
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(generator, device),
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator, device),
                 "forgetting": forgetting.state_dict(), "losses": losses, "history": history}
 
     resumed = checkpoint.load()
@@ -261,7 +242,7 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
         optimizer.load_state_dict(state["optimizer"])
         forgetting.load_state_dict(state["forgetting"])
         losses, history = state["losses"], state["history"]
-        _set_rng_state(state["rng"], generator, device)
+        set_rng_state(state["rng"], generator, device)
         log.info("expert %d: resuming after epoch %d", job.index, start)
 
     steps = len(train.txt2img) // cfg.batch_size

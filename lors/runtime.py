@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,3 +38,18 @@ def member_seed(seed: int, index: int) -> int:
     """Seed of the index-th independent network of a run (expert i, evaluated network k): seed*1000+i,
     so each member is reproducible alone, whatever the sharding or resumption."""
     return seed * SEEDS_PER_RUN + index
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random stream a training loop draws from, for checkpoints that resume bit-identically."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from lors.errors import DataError
@@ -112,3 +113,11 @@ def open_image_store(path: Path) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise DataError(f"{path}: expected uint8 (n, 3, S, S), found {images.dtype} {images.shape}")
     return images
+
+
+def gather_images(images: np.ndarray | torch.Tensor, index: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images at `index` from a store (memory-mapped array, or a tensor already on a device),
+    as a tensor on the store's device; only the indexed images are read."""
+    if isinstance(images, torch.Tensor):
+        return images[torch.as_tensor(index).to(images.device)]
+    return torch.from_numpy(np.asarray(images[np.asarray(index)]))

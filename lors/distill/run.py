@@ -34,7 +34,7 @@ from lors.errors import ConfigError, LorsError
 from lors.io import atomic_path, sha256_json, write_json
 from lors.models import FunctionalDualEncoder, build_dual_encoder
 from lors.paths import Layout
-from lors.runtime import resolve_device, seed_everything
+from lors.runtime import resolve_device, rng_state, seed_everything, set_rng_state
 from lors.synset import FILENAME as SYNSET_FILENAME
 from lors.synset import SyntheticSet
 from lors.tracking import Tracker, stage_run
@@ -85,21 +85,14 @@ class Distiller:
         self.optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"synset": self.syn.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "experts": self.experts.state_dict(), "generator": self.generator.get_state(),
-                 "torch_rng": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        return state
+        return {"synset": self.syn.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "experts": self.experts.state_dict(), "rng": rng_state(self.generator, self.device)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.syn.load_state_dict(state["synset"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.experts.load_state_dict(state["experts"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        set_rng_state(state["rng"], self.generator, self.device)
 
 
 class CheckpointStore:

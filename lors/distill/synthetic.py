@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lors.config import DistillSetting
+from lors.data.image_store import gather_images
 from lors.data.transforms import normalize, to_unit
 from lors.errors import ConfigError
 from lors.similarity import IdentitySimilarity, build_similarity
@@ -92,8 +93,7 @@ def real_init(images_uint8: np.ndarray | torch.Tensor, txt2img: np.ndarray | tor
     Returns (images normalised, text features, caption rows).
     """
     rows = sample_caption_rows(len(text_features), n, generator)
-    image_index = np.asarray(txt2img)[rows.numpy()]
-    pixels = to_unit(torch.as_tensor(np.asarray(images_uint8)[image_index]))
+    pixels = to_unit(gather_images(images_uint8, np.asarray(txt2img)[rows.numpy()]))
     if augment is not None:
         pixels = augment(pixels, generator)
     return normalize(pixels), text_features[rows].float().clone(), rows
