@@ -1,6 +1,6 @@
-"""Coreset baselines: choose real train pairs and write them as a synthetic set (see README.md)."""
+"""Coreset baselines: choose real train pairs (see README.md); the select stage (lors.stages.select)
+writes them as a synthetic set."""
 
 from baselines.registry import SELECTORS, Selector, get_selector
-from baselines.stage import run_selection
 
-__all__ = ["SELECTORS", "Selector", "get_selector", "run_selection"]
+__all__ = ["SELECTORS", "Selector", "get_selector"]

@@ -74,26 +74,25 @@ class PairPool:
         return "; ".join(loaded) or "none (uniform sampling)"
 
 
-def expert_files(experts_dir: Path) -> list[Path]:
-    from lors.experts import list_experts
-
-    files = list_experts(experts_dir) if experts_dir.is_dir() else []
-    if not files:
-        raise DataError(f"{experts_dir}: no expert trajectories (run `lors-bench experts` first)")
+def expert_files(files: list[Path]) -> list[Path]:
+    """The grid's expert trajectory files (`experts.ids` order), each of which must exist."""
+    for path in files:
+        if not path.is_file():
+            raise DataError(f"{path}: expert trajectory not found (run `lors-bench experts` first)")
     return files
 
 
-def load_expert_embeddings(params, experts_dir: Path, images: np.ndarray, text_features: torch.Tensor,
+def load_expert_embeddings(params, experts: list[Path], images: np.ndarray, text_features: torch.Tensor,
                            txt2img: np.ndarray, device: torch.device) -> PairEmbeddings:
     """Embed the pool with the last snapshot of expert `params.select.expert_index`."""
     from lors.experts import load_trajectory
     from lors.models import FunctionalDualEncoder, build_dual_encoder
     from lors.retrieval import encode_images, encode_texts
 
-    files = expert_files(experts_dir)
+    files = expert_files(experts)
     index = params.select.expert_index
     if not 0 <= index < len(files):
-        raise ConfigError(f"select.expert_index={index} but {experts_dir} holds {len(files)} experts")
+        raise ConfigError(f"select.expert_index={index} but the grid has {len(files)} experts (experts.ids)")
     trajectory = load_trajectory(files[index])
     model = build_dual_encoder(params.model.image_encoder, text_features.shape[1], params.model.pretrained,
                                params.model.temperature, params.model.text_head_dropout)
@@ -107,10 +106,10 @@ def load_expert_embeddings(params, experts_dir: Path, images: np.ndarray, text_f
                           source=f"{files[index].name} (epoch {len(trajectory.image) - 1})")
 
 
-def load_forgetting_record(experts_dir: Path, n_pairs: int) -> ForgettingRecord:
-    """Forgetting events and learned flags of every expert present (`expert_XXX.{forgetting,learned}.npy`)."""
+def load_forgetting_record(experts: list[Path], n_pairs: int) -> ForgettingRecord:
+    """Forgetting events and learned flags of the grid's experts (`expert_XXX.{forgetting,learned}.npy`)."""
     events, learned = [], []
-    files = expert_files(experts_dir)
+    files = expert_files(experts)
     for expert in files:
         for suffix, into, dtype in ((".forgetting.npy", events, torch.int64), (".learned.npy", learned, torch.bool)):
             path = expert.with_suffix(suffix)

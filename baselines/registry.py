@@ -43,3 +43,9 @@ def get_selector(method: str) -> Selector:
     if method not in SELECTORS:
         raise ConfigError(f"unknown selection method '{method}' (known: {', '.join(SELECTORS)})")
     return SELECTORS[method]
+
+
+def check_params(params) -> list[str]:
+    """The coreset part of params, for load_params: every grid method must be a known selector."""
+    return [f"grid.select_methods: unknown method '{m}' (known: {', '.join(SELECTORS)})"
+            for m in params.grid.select_methods if m not in SELECTORS]

@@ -42,10 +42,19 @@ def _stage(fn: Callable) -> Callable:
     return wrapper
 
 
+def _checks() -> tuple:
+    """What load_params cannot know alone: method names and per-method blocks against both registries."""
+    from baselines.registry import check_params as check_coresets
+    from lors.distill.registry import check_params as check_distillation
+
+    return check_distillation, check_coresets
+
+
 def _params(path: Path):
+    """Load params.yaml, validated completely (every problem listed with its dotted key)."""
     from lors.config import load_params
 
-    return load_params(path)
+    return load_params(path, checks=_checks())
 
 
 @app.command()
@@ -68,19 +77,19 @@ def embed_text(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml")) -> 
 
 @app.command()
 @_stage
-def experts(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml"),
-            shard: Annotated[str, typer.Option(help="i/n: train every n-th expert starting at i")] = "0/1") -> None:
-    """Train expert trajectories, keeping only the snapshots distillation reads."""
-    from lors.experts import parse_shard, train_experts
+def experts(dataset: DatasetOpt, expert: Annotated[int, typer.Option("--expert", "-e", help="an id of experts.ids")],
+            params: ParamsOpt = Path("params.yaml")) -> None:
+    """Train one expert trajectory, keeping only the snapshots distillation reads."""
+    from lors.stages.experts import run_expert
 
-    train_experts(_params(params), dataset, shard=parse_shard(shard))
+    run_expert(_params(params), dataset, expert)
 
 
 @app.command()
 @_stage
 def distill(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: ParamsOpt = Path("params.yaml")) -> None:
-    """Distil a synthetic set by trajectory matching (lors, tesla_vl, mtt_vl)."""
-    from lors.distill import run_distillation
+    """Distil a synthetic set with a registered method (lors, tesla_vl, mtt_vl, ...)."""
+    from lors.stages.distill import run_distillation
 
     run_distillation(_params(params), dataset, budget, method)
 
@@ -89,7 +98,7 @@ def distill(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: P
 @_stage
 def select(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: ParamsOpt = Path("params.yaml")) -> None:
     """Select a coreset of real pairs (random, herding, kcenter, forgetting, vas, clip_score)."""
-    from baselines import run_selection
+    from lors.stages.select import run_selection
 
     run_selection(_params(params), dataset, budget, method)
 
@@ -100,7 +109,7 @@ def evaluate(dataset: DatasetOpt, budget: BudgetOpt, method: MethodOpt, params: 
              arch: Annotated[Optional[str], typer.Option(
                  help="IMAGE+TEXT[:cls|:mean] encoders (timm / transformers names; omitted or '-' = the source one)")] = None) -> None:
     """Train fresh networks on a synthetic set (--method whole: on the full train split) and measure test retrieval."""
-    from lors.evaluate import run_evaluation
+    from lors.stages.evaluate import run_evaluation
 
     run_evaluation(_params(params), dataset, budget, method, arch=arch)
 
@@ -111,9 +120,9 @@ def report(params: ParamsOpt = Path("params.yaml"),
            out: Annotated[Path, typer.Option(help="output folder")] = Path("reports"),
            dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="default: every dataset of the grid")] = None) -> None:
     """Write LaTeX/Markdown tables and figures from every evaluation next to the published numbers."""
-    from lors.report import build_reports
+    from lors.stages.report import run_report
 
-    build_reports(_params(params), out, [dataset] if dataset else None)
+    run_report(_params(params), out, [dataset] if dataset else None)
 
 
 @app.command()
@@ -127,12 +136,21 @@ def track(params: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 @_stage
+def status(params: ParamsOpt = Path("params.yaml")) -> None:
+    """The grid's cells: done, stale (and why), checkpointed mid-run, tracking pending."""
+    from lors.status import grid_status, render_status
+
+    typer.echo(render_status(grid_status(_params(params))))
+
+
+@app.command()
+@_stage
 def profile(name: Annotated[str, typer.Argument(help="a file stem in profiles/: demo, flickr8k, paper, ...")],
             params: ParamsOpt = Path("params.yaml")) -> None:
     """Switch params.yaml to profiles/NAME.yaml (validated first); then `dvc repro` reruns what changed."""
     from lors.profiles import apply_profile
 
-    typer.echo(f"{apply_profile(name, params)} <- profiles/{name}.yaml")
+    typer.echo(f"{apply_profile(name, params, checks=_checks())} <- profiles/{name}.yaml")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,8 +6,9 @@ silently ignored key three hours into a run. Sections mirror the pipeline stages
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -60,10 +61,11 @@ class ModelConfig(Strict):
 
 
 class ExpertsConfig(Strict):
-    num_experts: int = Field(20, ge=1)
-    epochs: int | None = None  # None: the largest max_start_epoch + expert_epochs among distill settings
-    keep_all_epochs: bool = False  # train and keep `full_epochs` epochs (the reference's full buffer)
-    full_epochs: int = Field(10, ge=1)
+    # one DVC stage per expert: experts@<dataset>-<id>; expert i is seeded seed*1000+i
+    ids: list[int] = Field(default_factory=lambda: list(range(20)), min_length=1)
+    # snapshots after epochs 0..epochs; must reach every distillation cell's max_start_epoch-1+expert_epochs
+    # (checked at load), the reference trains 10 (`keep all`) but distillation reads only the first few
+    epochs: int = Field(2, ge=1)
     lr_img: float = Field(0.1, gt=0)
     lr_txt: float = Field(0.1, gt=0)
     batch_size: int = Field(128, ge=1)
@@ -72,41 +74,36 @@ class ExpertsConfig(Strict):
     amp: bool = False  # bf16 autocast on GPU
     channels_last: bool = False
 
-
-class DistillSetting(Strict):
-    """Hyper-parameters of one (dataset, budget) distillation, method.md 3.1."""
-
-    lr_img: float = 1000.0
-    lr_txt: float = 1000.0
-    lr_sim: float = 10.0
-    lr_lr: float = 1e-2
-    rank: int = Field(10, ge=1)
-    alpha: float = 1.0
-    mini_batch: int = Field(20, ge=1)
-    syn_steps: int = Field(8, ge=1)
-    expert_epochs: int = Field(1, ge=1)
-    max_start_epoch: int = Field(2, ge=1)
-    temperature: float = Field(0.07, gt=0)
-    merge_branches: bool = False
-    no_aug: bool = False
-    iterations: int = Field(3000, ge=0)
-    eval_every: int = Field(50, ge=0)  # 0: no evaluation hook during distillation
-    momentum: float = 0.5
-    init_lr: float = 0.1  # initial learnable inner-loop lrs (= expert lr)
-    init: Literal["real", "noise"] = "real"
-    loss: Literal["wbce", "bce", "ence"] = "wbce"
-    similarity: Literal["lowrank", "full"] = "lowrank"
-    mtt_mini_batch: int | None = Field(None, ge=1)  # MTT-VL pairs per unrolled step; None = all (method.md 3.7)
+    @field_validator("ids")
+    @classmethod
+    def _distinct(cls, ids: list[int]) -> list[int]:
+        if len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ValueError("expert ids must be distinct integers >= 0")
+        return ids
 
 
-class DistillConfig(Strict):
+class MethodBlock(Strict):
+    """One distillation method's params: `default` overrides the method's own defaults key by key, and
+    `settings[dataset][budget]` overrides `default` key by key for one cell of the grid. The keys are
+    validated against the method's settings schema (lors.distill.registry), not here."""
+
+    default: dict[str, Any] = {}
+    settings: dict[str, dict[int, dict[str, Any]]] = {}
+
+
+class DistillConfig(BaseModel):
+    """`checkpoint_every` plus one `MethodBlock` per distillation method name (lors, tesla_vl, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, MethodBlock] = Field(init=False)
+
     checkpoint_every: int = Field(50, ge=1)
-    # settings[dataset][budget]; a missing entry falls back to `default`
-    default: DistillSetting = DistillSetting()
-    settings: dict[str, dict[int, DistillSetting]] = {}
 
-    def setting(self, dataset: str, budget: int) -> DistillSetting:
-        return self.settings.get(dataset, {}).get(budget, self.default)
+    def block(self, method: str) -> MethodBlock:
+        return (self.model_extra or {}).get(method) or MethodBlock()
+
+    def methods(self) -> dict[str, MethodBlock]:
+        return dict(self.model_extra or {})
 
 
 class SelectConfig(Strict):
@@ -114,17 +111,38 @@ class SelectConfig(Strict):
     vas_clip_fraction: float = Field(0.5, gt=0, le=1)  # CLIP-score filter kept before VAS ranking
 
 
-class EvaluateConfig(Strict):
-    num_eval: int = Field(5, ge=1)
-    epochs: int = Field(100, ge=1)
+class EvalSettings(Strict):
+    """How fresh networks are trained on a set (method.md 4). `protocol: lors` (4.1): SGD with the set's
+    two learned lrs, x0.1 at epoch epochs//2+1, each batch an independent random subset, soft loss
+    against S~, retrieval every `eval_every` epochs. `protocol: vl_distill` (4.2): the learned image lr for
+    both branches, constant, shuffled partitions of `batch_size`, InfoNCE with identity targets, the last
+    epoch reported."""
+
+    protocol: Literal["lors", "vl_distill"] = "lors"
+    epochs: int = Field(100, ge=1)  # trains epochs 0..epochs
     batch_size: int = Field(128, ge=1)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     eval_every: int = Field(10, ge=1)
+    loss: Literal["wbce", "bce", "ence"] = "wbce"  # lors protocol's soft contrastive loss against S~
+
+
+class EvaluateConfig(Strict):
+    num_eval: int = Field(5, ge=1)
     text_transfer: Literal["reference", "nearest_caption"] = "reference"
     amp: bool = True  # bf16 autocast for test encoding on GPU
-    loss: Literal["wbce", "bce", "ence"] = "wbce"  # soft contrastive loss against the set's similarity
     whole_epochs: int = Field(10, ge=1)  # "whole dataset" upper bound: expert-recipe epochs on the train split
+    default: EvalSettings = EvalSettings()
+    # per-method overrides of `default`, key by key, applied under `protocol: reference` only (the authors
+    # evaluated MTT-VL with VL-Distill's protocol: {protocol: vl_distill, epochs: 50, batch_size: 64});
+    # under `clean` every set is evaluated with `default`. Every method of the grid needs an entry ({} for
+    # none): each evaluate stage depends on exactly its own.
+    methods: dict[str, dict[str, Any]] = {}
+
+    def settings(self, method: str, protocol: str) -> EvalSettings:
+        if protocol != "reference":
+            return self.default
+        return EvalSettings.model_validate({**self.default.model_dump(), **self.methods.get(method, {})})
 
 
 class TrackingConfig(Strict):
@@ -188,24 +206,36 @@ class Params(Strict):
                 raise ValueError(f"grid.datasets names '{name}', which is not a key of datasets")
         return self
 
+    def problems(self) -> list[str]:
+        """Cross-section problems the field types cannot express (dotted key first)."""
+        grid = self.grid
+        methods = dict.fromkeys([*grid.distill_methods, *grid.select_methods])
+        problems = [f"evaluate.methods.{m}: missing (each evaluate stage depends on its method's entry; write "
+                    f"`{m}: {{}}` to take evaluate.default)" for m in methods if m not in self.evaluate.methods]
+        for method, overrides in self.evaluate.methods.items():
+            try:
+                EvalSettings.model_validate({**self.evaluate.default.model_dump(), **overrides})
+            except ValidationError as exc:
+                problems += [f"evaluate.methods.{method}.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in exc.errors()]
+        return problems
+
     def dataset(self, name: str) -> DatasetConfig:
         if name not in self.datasets:
             raise ConfigError(f"unknown dataset '{name}' (params know: {', '.join(sorted(self.datasets))})")
         return self.datasets[name]
 
-    def expert_epochs_needed(self, dataset: str) -> int:
-        """Expert epochs distillation reads: start epochs are 0..max_start_epoch-1 and targets lie
-        expert_epochs later, so snapshots 0..max(max_start_epoch - 1 + expert_epochs) suffice."""
-        if self.experts.keep_all_epochs:
-            return self.experts.full_epochs
-        if self.experts.epochs is not None:
-            return self.experts.epochs
-        settings = [self.distill.default, *self.distill.settings.get(dataset, {}).values()]
-        return max(s.max_start_epoch - 1 + s.expert_epochs for s in settings)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file; any problem becomes one ConfigError line."""
+Check = Callable[[Params], list[str]]
+
+
+def load_params(path: str | Path = "params.yaml", checks: Sequence[Check] = ()) -> Params:
+    """Read and validate a params file; every problem is listed, each with its dotted key, in one ConfigError.
+
+    `checks` validate what this schema cannot know: the method names and per-method settings blocks
+    against the distillation and coreset registries (the CLI passes both; see lors.distill.registry).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
@@ -214,8 +244,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
     try:
-        return Params.model_validate(raw or {})
+        params = Params.model_validate(raw or {})
     except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "<top>"
-        raise ConfigError(f"{path}: {key}: {err['msg']}") from exc
+        raise invalid(path, [f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
+                             for err in exc.errors()]) from None
+    problems = params.problems() + [problem for check in checks for problem in check(params)]
+    if problems:
+        raise invalid(path, problems)
+    return params
+
+
+def invalid(path: Path, problems: list[str]) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(f"{path}: {problems[0]}")
+    return ConfigError(f"{path}: {len(problems)} problems\n" + "\n".join(f"  {p}" for p in problems))

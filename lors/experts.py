@@ -2,21 +2,20 @@
 
 Each expert is a dual encoder trained with the reference recipe (symmetric InfoNCE at a fixed
 temperature, plain SGD with one learning rate per branch, batch 128, shuffled caption rows, the
-train augmentation) for only the epochs distillation reads (`Params.expert_epochs_needed`). Its
-flat parameter snapshots after epochs 0..E are stored in one safetensors file per expert, with
-per-caption forgetting counts (Toneva et al. 2019) next to it for the forgetting coreset.
+train augmentation) for `experts.epochs` epochs, only as many as distillation reads. Its flat
+parameter snapshots after epochs 0..E are stored in one safetensors file per expert, with per-caption
+forgetting counts (Toneva et al. 2019) next to it for the forgetting coreset.
 
-Experts are independent: `--shard i/n` trains experts i, i+n, ...; expert i is seeded with
-`params.seed * 1000 + i` (model init, shuffling, augmentation and dropout), so any sharding gives
-the same files. A finished expert is never retrained; an interrupted one resumes from its last
-epoch-end checkpoint and ends bitwise identical (on CPU) to an uninterrupted run.
+Experts are independent (one DVC stage, one cluster job each: lors.stages.experts); expert i is
+seeded with `params.seed * 1000 + i` (model init, shuffling, augmentation and dropout). A finished
+expert is never retrained; an interrupted one resumes from its last epoch-end checkpoint and ends
+bitwise identical (on CPU) to an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,33 +30,19 @@ from lors.config import Params
 from lors.data.augment import train_augment
 from lors.data.image_store import gather_images
 from lors.data.transforms import normalize, to_unit
+from lors.checkpoints import CheckpointStore
 from lors.errors import ConfigError, DataError
-from lors.io import atomic_path, sha256_file, slug, write_json
+from lors.io import atomic_path
 from lors.losses import infonce
-from lors.models import DualEncoder, FlatParams, build_dual_encoder, check_image_encoder_name
-from lors.paths import Layout
+from lors.models import DualEncoder, FlatParams, build_dual_encoder
 from lors.retrieval import test_retrieval
-from lors.runtime import SEEDS_PER_RUN, member_seed, resolve_device, rng_state, seed_everything, set_rng_state
+from lors.runtime import rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
-FILE_PATTERN = "expert_[0-9][0-9][0-9].safetensors"
-
-
-def expert_file(directory: Path, index: int) -> Path:
-    return Path(directory) / f"expert_{index:03d}.safetensors"
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n) with 0 <= i < n: this process trains experts i, i+n, i+2n, ..."""
-    parts = str(text).split("/")
-    try:
-        index, count = (int(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"--shard '{text}': expected i/n with integers, e.g. 0/1 or 2/4") from None
-    if count < 1 or not 0 <= index < count:
-        raise ConfigError(f"--shard '{text}': need n >= 1 and 0 <= i < n")
-    return index, count
+def expert_file(folder: Path, index: int) -> Path:
+    """The trajectory file in an expert's own folder (`Layout.expert`); forgetting files sit beside it."""
+    return Path(folder) / f"expert_{index:03d}.safetensors"
 
 
 @dataclass
@@ -162,55 +147,42 @@ def _snapshot(model: DualEncoder, layouts: tuple[FlatParams, FlatParams]) -> tup
 
 @dataclass
 class ExpertJob:
-    """Everything one expert depends on; `fingerprint` decides whether files and checkpoints fit."""
+    """Everything one expert depends on; `fingerprint` decides whether its file and checkpoint fit."""
 
     index: int
     output: Path
-    checkpoint_dir: Path
+    checkpoints: CheckpointStore
     fingerprint: dict[str, Any]
 
 
-class _Checkpoint:
-    """The in-progress expert: snapshots written once each, plus the state at the last epoch end."""
+def _save_epoch(store: CheckpointStore, epoch: int, snapshot: tuple[torch.Tensor, torch.Tensor],
+                state: dict[str, Any]) -> None:
+    """Each snapshot is written once (a file beside the state); the state is the one of the last epoch end."""
+    with atomic_path(store.path(f"snapshot_{epoch:03d}.safetensors")) as tmp:
+        save_file({"image": snapshot[0], "text": snapshot[1]}, str(tmp))
+    store.save("state", {"epoch": epoch, **state})
 
-    def __init__(self, folder: Path, fingerprint: dict[str, Any]) -> None:
-        self.folder = folder
-        self.fingerprint = fingerprint
 
-    def snapshot_path(self, epoch: int) -> Path:
-        return self.folder / f"snapshot_{epoch:03d}.safetensors"
-
-    def save(self, epoch: int, snapshot: tuple[torch.Tensor, torch.Tensor], state: dict[str, Any]) -> None:
-        with atomic_path(self.snapshot_path(epoch)) as tmp:
-            save_file({"image": snapshot[0], "text": snapshot[1]}, str(tmp))
-        with atomic_path(self.folder / "state.pt") as tmp:
-            torch.save({"fingerprint": self.fingerprint, "epoch": epoch, **state}, tmp)
-
-    def load(self) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]] | None:
-        path = self.folder / "state.pt"
-        if not path.is_file():
-            return None
+def _load_epochs(store: CheckpointStore) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]] | None:
+    state = store.load("state")
+    if state is None:
+        return None
+    snapshots = []
+    for epoch in range(state["epoch"] + 1):
+        path = store.path(f"snapshot_{epoch:03d}.safetensors")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if state.get("fingerprint") != self.fingerprint:
-                log.warning("%s: checkpoint from different settings; starting this expert afresh", path)
-                return None
-            snapshots = []
-            for epoch in range(state["epoch"] + 1):
-                with safe_open(str(self.snapshot_path(epoch)), "pt") as fh:
-                    snapshots.append((fh.get_tensor("image"), fh.get_tensor("text")))
-        except Exception as exc:  # unreadable checkpoint: redo the expert rather than fail the stage
-            log.warning("%s: unreadable checkpoint (%s); starting this expert afresh", path, exc)
+            with safe_open(str(path), "pt") as fh:
+                snapshots.append((fh.get_tensor("image"), fh.get_tensor("text")))
+        except Exception as exc:  # noqa: BLE001 - a damaged snapshot: redo the expert rather than fail
+            log.warning("%s: unreadable snapshot (%s); starting this expert afresh", path, exc.__class__.__name__)
             return None
-        return state, snapshots
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+    return state, snapshots
 
 
-def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: PairedSplit,
-                 device: torch.device) -> dict[str, Any]:
-    """Train (or resume) one expert and write its trajectory and forgetting files; return its meta."""
+def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: PairedSplit, device: torch.device,
+                 log_metrics: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) one expert and write its trajectory and forgetting files; return its meta.
+    `log_metrics(metrics, epoch)` sees each epoch's loss (and retrieval when measured)."""
     cfg, fp = params.experts, job.fingerprint
     epochs, seed = fp["epochs"], fp["seed"]
     seed_everything(seed)
@@ -222,7 +194,6 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
     layouts = (FlatParams(model.image_encoder), FlatParams(model.text_head))
     generator = torch.Generator().manual_seed(seed)
     forgetting = ForgettingCounter(len(train.txt2img), device)
-    checkpoint = _Checkpoint(job.checkpoint_dir, fp)
     losses: list[float] = []
     history: list[dict[str, float]] = []
 
@@ -230,11 +201,11 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(generator, device),
                 "forgetting": forgetting.state_dict(), "losses": losses, "history": history}
 
-    resumed = checkpoint.load()
+    resumed = _load_epochs(job.checkpoints)
     if resumed is None:
-        checkpoint.clear()
+        job.checkpoints.clear()
         start, snapshots = 0, [_snapshot(model, layouts)]
-        checkpoint.save(0, snapshots[0], training_state())
+        _save_epoch(job.checkpoints, 0, snapshots[0], training_state())
     else:
         state, snapshots = resumed
         start = state["epoch"]
@@ -258,12 +229,16 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
                 generator=generator, device=device, augment=cfg.augment, amp=cfg.amp,
                 channels_last=cfg.channels_last, on_batch=on_batch))
             bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+            epoch_metrics = {"loss": losses[-1]}
             if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < epochs:
                 history.append({"epoch": epoch, **test_retrieval(model, test.images, test.text_features,
                                                                  test.txt2img, device, amp=cfg.amp)})
                 log.info("expert %d epoch %d: r_mean %.2f", job.index, epoch, history[-1]["r_mean"])
+                epoch_metrics.update({f"test_{k}": v for k, v in history[-1].items() if k != "epoch"})
+            if log_metrics is not None:
+                log_metrics(epoch_metrics, epoch)
             snapshots.append(_snapshot(model, layouts))
-            checkpoint.save(epoch, snapshots[-1], training_state())
+            _save_epoch(job.checkpoints, epoch, snapshots[-1], training_state())
 
     metrics = test_retrieval(model, test.images, test.text_features, test.txt2img, device, amp=cfg.amp)
     history.append({"epoch": epochs, **metrics})
@@ -272,7 +247,7 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
             "metrics": metrics, "history": history, "forgetting_events": int(counts["events"].sum()),
             "learned_fraction": counts["learned"].float().mean().item()}
     _write_expert(job.output, snapshots, counts, meta)
-    checkpoint.clear()
+    job.checkpoints.clear()
     log.info("expert %d: test retrieval r_mean %.2f (IR@1 %.2f, TR@1 %.2f) after %d epochs", job.index,
              metrics["r_mean"], metrics["ir1"], metrics["tr1"], epochs)
     return meta
@@ -310,7 +285,7 @@ def read_expert_meta(path: str | Path) -> dict[str, Any]:
     return _read_header(Path(path))[0]
 
 
-def _is_finished(job: ExpertJob) -> bool:
+def is_finished(job: ExpertJob) -> bool:
     """A present expert file counts only if it was trained with the same settings and data."""
     if not job.output.is_file():
         return False
@@ -338,94 +313,3 @@ def load_trajectory(path: str | Path, max_snapshots: int | None = None) -> Traje
         else:
             image, text = fh.get_slice("image")[:max_snapshots], fh.get_slice("text")[:max_snapshots]
     return Trajectory(image=image, text=text, meta=meta)
-
-
-def list_experts(directory: str | Path) -> list[Path]:
-    """Finished expert files of a folder, in index order (empty if none finished yet)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DataError(f"{directory}: no expert folder (run `lors-bench experts` first)")
-    return sorted(directory.glob(FILE_PATTERN))
-
-
-def _manifest_hash(folder: Path) -> str | None:
-    manifest = folder / "manifest.json"
-    return sha256_file(manifest) if manifest.is_file() else None
-
-
-def load_expert_data(params: Params, dataset: str) -> tuple[PairedSplit, PairedSplit]:
-    """Train and test splits with their cached caption features, through the data layer."""
-    from lors.data import load_split, load_text_features
-
-    splits = []
-    for name in ("train", "test"):
-        split = load_split(params, dataset, name)
-        splits.append(PairedSplit(split.images, load_text_features(params, dataset, name), split.txt2img))
-    return splits[0], splits[1]
-
-
-def _fingerprint(params: Params, dataset: str, index: int, epochs: int) -> dict[str, Any]:
-    layout = Layout(params.work_dir)
-    m, e = params.model, params.experts
-    return {"dataset": dataset, "image_encoder": m.image_encoder, "text_encoder": params.text_encoder.name,
-            "pretrained": m.pretrained, "temperature": m.temperature, "text_head_dropout": m.text_head_dropout,
-            "image_size": params.dataset(dataset).image_size, "epochs": epochs,
-            "seed": member_seed(params.seed, index), "lr_img": e.lr_img, "lr_txt": e.lr_txt,
-            "batch_size": e.batch_size, "augment": e.augment, "amp": e.amp, "channels_last": e.channels_last,
-            "prepared_manifest_sha256": _manifest_hash(layout.prepared(dataset)),
-            "text_features_manifest_sha256": _manifest_hash(layout.text_features(dataset, params.text_encoder.name))}
-
-
-def write_manifest(params: Params, dataset: str, directory: Path, epochs: int) -> Path:
-    """Summarise every finished expert in the folder (all shards), with the inputs they came from."""
-    experts = []
-    for path in list_experts(directory):
-        meta = read_expert_meta(path)
-        experts.append({"index": meta["index"], "file": path.name, "seed": meta["seed"], "epochs": meta["epochs"],
-                        "metrics": meta["metrics"], "forgetting_events": meta["forgetting_events"],
-                        "learned_fraction": meta["learned_fraction"]})
-    common = _fingerprint(params, dataset, 0, epochs)
-    common.pop("seed")
-    manifest = {**common, "seed_rule": f"expert i uses seed {params.seed} * {SEEDS_PER_RUN} + i",
-                "num_experts": params.experts.num_experts, "complete": len(experts) >= params.experts.num_experts,
-                "experts": experts}
-    write_json(directory / "manifest.json", manifest)
-    return directory / "manifest.json"
-
-
-def train_experts(params: Params, dataset: str, shard: tuple[int, int] = (0, 1)) -> Path:
-    """The `experts` stage: train this shard's missing experts, then refresh the manifest."""
-    from lors.tracking import stage_run
-
-    params.dataset(dataset)
-    check_image_encoder_name(params.model.image_encoder)
-    index, count = shard
-    layout = Layout(params.work_dir)
-    directory = layout.experts(dataset, params.model.image_encoder, params.text_encoder.name)
-    epochs = params.expert_epochs_needed(dataset)
-    device = resolve_device(params.device)
-    encoders = f"{slug(params.model.image_encoder)}+{slug(params.text_encoder.name)}"
-    jobs = [ExpertJob(i, expert_file(directory, i), layout.checkpoints(dataset, f"experts/{encoders}/{i:03d}"),
-                      _fingerprint(params, dataset, i, epochs))
-            for i in range(index, params.experts.num_experts, count)]
-    pending = [job for job in jobs if not _is_finished(job)]
-    log.info("%s: %d of this shard's %d experts to train (%d epochs each) on %s", dataset, len(pending), len(jobs),
-             epochs, device)
-    if pending:
-        train, test = load_expert_data(params, dataset)
-        if len(train.txt2img) < params.experts.batch_size:
-            raise ConfigError(f"experts.batch_size={params.experts.batch_size} exceeds the {len(train.txt2img)} "
-                              f"train captions of dataset '{dataset}'")
-        if device.type == "cuda":  # upload once: the loop then never touches host memory
-            train = PairedSplit(torch.from_numpy(np.ascontiguousarray(train.images)).to(device),
-                                train.text_features.to(device), train.txt2img)
-        with stage_run(params, "experts", f"experts {dataset} {index}/{count}",
-                       {"dataset": dataset, "shard": f"{index}/{count}"}) as tracker:
-            tracker.log_params({"epochs": epochs, "image_encoder": params.model.image_encoder,
-                                "text_encoder": params.text_encoder.name, **params.experts.model_dump()})
-            for job in pending:
-                meta = train_expert(params, job, train, test, device)
-                tracker.log_metrics({f"expert_{k}": v for k, v in meta["metrics"].items()}, step=job.index)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_manifest(params, dataset, directory, epochs)
-    return directory

@@ -21,6 +21,10 @@ class Layout:
     def experts(self, dataset: str, image_encoder: str, text_encoder: str) -> Path:
         return self.work / dataset / "experts" / f"{slug(image_encoder)}+{slug(text_encoder)}"
 
+    def expert(self, dataset: str, image_encoder: str, text_encoder: str, index: int) -> Path:
+        """One expert's folder (its own DVC output): trajectory.safetensors, forgetting.npy, learned.npy."""
+        return self.experts(dataset, image_encoder, text_encoder) / f"expert_{index:03d}"
+
     def synset(self, dataset: str, budget: int, method: str) -> Path:
         return self.work / dataset / "synsets" / f"{method}-{budget}"
 

@@ -8,9 +8,10 @@ then reruns exactly the stages whose parameters differ.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
-from lors.config import load_params
+from lors.config import Check, load_params
 from lors.errors import ConfigError
 from lors.io import atomic_path
 
@@ -29,10 +30,12 @@ def profile_path(name: str, profile_dir: str | Path = PROFILE_DIR) -> Path:
     return path
 
 
-def apply_profile(name: str, target: str | Path = "params.yaml", profile_dir: str | Path = PROFILE_DIR) -> Path:
-    """Validate profiles/<name>.yaml and make it the params file; an invalid profile changes nothing."""
+def apply_profile(name: str, target: str | Path = "params.yaml", profile_dir: str | Path = PROFILE_DIR,
+                  checks: Sequence[Check] = ()) -> Path:
+    """Validate profiles/<name>.yaml (with `checks`, as load_params) and make it the params file; an invalid
+    profile changes nothing."""
     source = profile_path(name, profile_dir)
-    params = load_params(source)
+    params = load_params(source, checks)
     if params.profile != name:
         raise ConfigError(f"{source}: profile: says '{params.profile}', expected '{name}'")
     with atomic_path(target) as tmp:

@@ -23,6 +23,9 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+TINY_TM = {"iterations": 3, "syn_steps": 2, "lr_img": 100, "lr_txt": 100}  # trajectory-matching knobs
+
+
 def tiny_params_dict(work_dir: Path) -> dict:
     """A CPU-sized configuration on a small embedded dataset: seconds per stage."""
     return {
@@ -35,11 +38,15 @@ def tiny_params_dict(work_dir: Path) -> dict:
                                   "embedded": {"n_train": 60, "n_val": 20, "n_test": 20, "seed": 0}}},
         "text_encoder": {"name": "minilm", "pooling": "mean", "batch_size": 64},
         "model": {"image_encoder": "test_nfnet", "pretrained": False},
-        "experts": {"num_experts": 2, "batch_size": 32, "augment": True},
+        "experts": {"ids": [0, 1], "epochs": 2, "batch_size": 32, "augment": True},
         "distill": {"checkpoint_every": 2,
-                    "default": {"iterations": 3, "eval_every": 0, "mini_batch": 8, "syn_steps": 2,
-                                "lr_img": 100, "lr_txt": 100, "lr_sim": 10, "rank": 4, "alpha": 1.0}},
-        "evaluate": {"num_eval": 2, "epochs": 4, "eval_every": 2},
+                    "lors": {"default": {**TINY_TM, "mini_batch": 8, "lr_sim": 10, "rank": 4, "alpha": 1.0},
+                             "settings": {"embedded": {20: {}}}},
+                    "tesla_vl": {"default": {**TINY_TM, "mini_batch": 8}, "settings": {"embedded": {20: {}}}},
+                    "mtt_vl": {"default": TINY_TM, "settings": {"embedded": {20: {}}}}},
+        "evaluate": {"num_eval": 2, "default": {"epochs": 4, "eval_every": 2},
+                     "methods": {m: {} for m in ("lors", "tesla_vl", "mtt_vl", "random", "herding", "kcenter",
+                                                 "forgetting", "vas", "clip_score")}},
         "tracking": {"enabled": False},
     }
 

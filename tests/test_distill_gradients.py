@@ -12,9 +12,9 @@ from torch.func import grad as func_grad
 from distill_toys import expert_trajectory, paired_data, tiny_student
 from lors.distill.matching import tesla_iteration, walk_batches
 from lors.distill.mtt import mtt_iteration, mtt_temperature, random_subsets
-from lors.distill.synthetic import LearnableSet, build_method_similarity
+from lors.distill.synthetic import LearnableSet
+from lors.similarity import build_similarity
 from lors.distill.trajectories import Segment
-from lors.config import DistillSetting
 from lors.losses import infonce, soft_contrastive_loss
 
 N, STEPS, TAU = 10, 3, 0.07
@@ -45,9 +45,9 @@ def segment():
 
 def make_set(method: str, similarity: str = "lowrank", lr: tuple[float, float] = (0.05, 0.08), seed: int = 3) -> LearnableSet:
     images, texts, _ = paired_data(N, seed=seed)
-    setting = DistillSetting(similarity=similarity, rank=3, alpha=2.0)
     torch.manual_seed(seed)
-    syn = LearnableSet(images, texts, build_method_similarity(method, setting, N), init_lr=0.1).double()
+    kind = similarity if method == "lors" else "identity"  # TESLA-VL and MTT-VL keep S~ = I
+    syn = LearnableSet(images, texts, build_similarity(kind, N, rank=3, alpha=2.0), init_lr=0.1).double()
     with torch.no_grad():
         syn.lr_img.fill_(lr[0])
         syn.lr_txt.fill_(lr[1])

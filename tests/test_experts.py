@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -10,11 +9,13 @@ import torch
 from torch.nn import functional as F
 
 import lors.experts as experts
+import lors.stages.experts as stage
 from lors.config import Params
 from lors.data.transforms import normalize
 from lors.errors import ConfigError, DataError
-from lors.experts import (ForgettingCounter, PairedSplit, list_experts, load_trajectory, make_expert_optimizer,
-                          parse_shard, read_expert_meta, train_contrastive_epoch, train_experts)
+from lors.experts import (ForgettingCounter, PairedSplit, load_trajectory, make_expert_optimizer, read_expert_meta,
+                          train_contrastive_epoch)
+from lors.stages.experts import expert_paths, run_expert
 from lors.models import FlatParams, build_dual_encoder
 from lors.paths import Layout
 from lors.retrieval import test_retrieval
@@ -42,7 +43,7 @@ def make_pairs(n_images: int, captions: int = 2, seed: int = 0, noise: float = 0
 
 def params_for(tmp_path, **experts_cfg) -> Params:
     raw = tiny_params_dict(tmp_path / "work")
-    raw["experts"] = {"num_experts": 2, "batch_size": 16, **experts_cfg}
+    raw["experts"] = {"ids": [0, 1], "epochs": 2, "batch_size": 16, **experts_cfg}
     return Params.model_validate(raw)
 
 
@@ -50,29 +51,25 @@ def params_for(tmp_path, **experts_cfg) -> Params:
 def fake_data(monkeypatch):
     """Stand in for the data layer: 24 train images x 2 captions, 10 test images."""
     data = (make_pairs(24, seed=0), make_pairs(10, seed=1))
-    monkeypatch.setattr(experts, "load_expert_data", lambda params, dataset: data)
+    monkeypatch.setattr(stage, "load_expert_data", lambda params, dataset: data)
     return data
 
 
-def expert_dir(params: Params):
-    return Layout(params.work_dir).experts("embedded", params.model.image_encoder, params.text_encoder.name)
-
-
-def test_parse_shard():
-    assert parse_shard("0/1") == (0, 1) and parse_shard("2/4") == (2, 4)
-    for bad in ("4/4", "1", "a/b", "-1/2", "0/0", "1/2/3"):
-        with pytest.raises(ConfigError, match="--shard"):
-            parse_shard(bad)
+def train_all(params: Params) -> list:
+    """What `dvc repro` does: one experts stage per id."""
+    return [run_expert(params, "embedded", i) for i in params.experts.ids]
 
 
 def test_wrong_dataset_or_model_fails_with_one_line(tmp_path, fake_data):
     params = params_for(tmp_path)
     with pytest.raises(ConfigError, match="unknown dataset 'flickr'") as exc:
-        train_experts(params, "flickr")
+        run_expert(params, "flickr", 0)
     assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"--expert 7: not in experts.ids \[0, 1\]"):
+        run_expert(params, "embedded", 7)
     params.model.image_encoder = "nfnet_l9000"
     with pytest.raises(ConfigError, match="unknown image encoder 'nfnet_l9000'") as exc:
-        train_experts(params, "embedded")
+        run_expert(params, "embedded", 0)
     assert "\n" not in str(exc.value)
 
 
@@ -126,13 +123,14 @@ def test_forgetting_counter_counts_correct_to_wrong_transitions():
     assert counter.learned.tolist() == [True, True, True, False]
 
 
-def test_stage_writes_trajectories_forgetting_and_manifest(tmp_path, fake_data):
+def test_stage_writes_trajectories_and_forgetting_in_one_folder_per_expert(tmp_path, fake_data):
     params = params_for(tmp_path)
-    directory = train_experts(params, "embedded", shard=(0, 1))
+    files = train_all(params)
     train, test = fake_data
-    epochs = params.expert_epochs_needed("embedded")
-    files = list_experts(directory)
-    assert [f.name for f in files] == ["expert_000.safetensors", "expert_001.safetensors"]
+    epochs = params.experts.epochs
+    assert files == expert_paths(params, "embedded")
+    assert [f"{f.parent.name}/{f.name}" for f in files] == ["expert_000/expert_000.safetensors",
+                                                           "expert_001/expert_001.safetensors"]
     for index, path in enumerate(files):
         traj = load_trajectory(path)
         seed = params.seed * 1000 + index
@@ -158,17 +156,13 @@ def test_stage_writes_trajectories_forgetting_and_manifest(tmp_path, fake_data):
         assert (learned | (events == 0)).all()  # a forgotten pair was once learned
         partial = load_trajectory(path, max_snapshots=2)
         assert torch.equal(partial.image, traj.image[:2]) and torch.equal(partial.text, traj.text[:2])
-    manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["complete"] and manifest["epochs"] == epochs and manifest["dataset"] == "embedded"
-    assert [e["seed"] for e in manifest["experts"]] == [0, 1]
-    assert manifest["experts"][1]["metrics"] == read_expert_meta(files[1])["metrics"]
-    assert {"prepared_manifest_sha256", "text_features_manifest_sha256", "image_encoder", "text_encoder"} <= set(manifest)
+        assert {"prepared_manifest_sha256", "text_features_manifest_sha256"} <= set(traj.meta)
     assert not Layout(params.work_dir).checkpoints("embedded", "experts/test_nfnet+minilm/000").exists()
 
 
-def _outputs(directory):
+def _outputs(paths):
     out = {}
-    for path in list_experts(directory):
+    for path in paths:
         traj = load_trajectory(path)
         out[path.name] = (traj.image, traj.text, np.load(path.with_suffix(".forgetting.npy")),
                           np.load(path.with_suffix(".learned.npy")), traj.meta["metrics"], traj.meta["losses"])
@@ -176,9 +170,9 @@ def _outputs(directory):
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, fake_data, monkeypatch):
-    reference = _outputs(train_experts(params_for(tmp_path / "a", num_experts=1), "embedded"))
+    reference = _outputs(train_all(params_for(tmp_path / "a", ids=[0])))
 
-    params = params_for(tmp_path / "b", num_experts=1)
+    params = params_for(tmp_path / "b", ids=[0])
     real_epoch = experts.train_contrastive_epoch
     calls = []
 
@@ -194,13 +188,13 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, fake_da
 
     monkeypatch.setattr(experts, "train_contrastive_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_experts(params, "embedded")
+        train_all(params)
     checkpoint = Layout(params.work_dir).checkpoints("embedded", "experts/test_nfnet+minilm/000")
-    assert torch.load(checkpoint / "state.pt", weights_only=False)["epoch"] == 1
-    assert not (expert_dir(params) / "expert_000.safetensors").exists()  # nothing half-done looks finished
+    assert torch.load(checkpoint / "state.pt", weights_only=False)["state"]["epoch"] == 1
+    assert not expert_paths(params, "embedded")[0].exists()  # nothing half-done looks finished
 
     monkeypatch.setattr(experts, "train_contrastive_epoch", real_epoch)
-    resumed = _outputs(train_experts(params, "embedded"))
+    resumed = _outputs(train_all(params))
     assert resumed.keys() == reference.keys()
     for name in reference:
         for got, want in zip(resumed[name], reference[name]):
@@ -213,32 +207,30 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, fake_da
     assert not checkpoint.exists()
 
 
-def test_shards_cover_each_expert_once_and_finished_experts_are_kept(tmp_path, fake_data, monkeypatch):
-    params = params_for(tmp_path, num_experts=3)
+def test_finished_experts_are_kept_and_damaged_or_foreign_ones_retrained(tmp_path, fake_data, monkeypatch):
+    params = params_for(tmp_path, ids=[0, 1, 2])
     trained = []
-    real = experts.train_expert
-    monkeypatch.setattr(experts, "train_expert", lambda p, job, *a: (trained.append(job.index), real(p, job, *a))[1])
-    train_experts(params, "embedded", shard=(1, 2))
-    train_experts(params, "embedded", shard=(0, 2))
+    real = stage.train_expert
+    monkeypatch.setattr(stage, "train_expert", lambda p, job, *a, **k: (trained.append(job.index), real(p, job, *a, **k))[1])
+    run_expert(params, "embedded", 1)
+    train_all(params)
     assert trained == [1, 0, 2]
-    train_experts(params, "embedded", shard=(0, 1))  # all present and valid: nothing retrained
+    train_all(params)  # all present and valid: nothing retrained
     assert len(trained) == 3
-    assert [read_expert_meta(p)["seed"] for p in list_experts(expert_dir(params))] == [0, 1, 2]
+    assert [read_expert_meta(p)["seed"] for p in expert_paths(params, "embedded")] == [0, 1, 2]
 
-    path = expert_dir(params) / "expert_002.safetensors"
+    path = expert_paths(params, "embedded")[2]
     path.write_bytes(path.read_bytes()[:100])  # a damaged file is retrained
-    train_experts(params, "embedded", shard=(0, 1))
+    train_all(params)
     assert trained[3:] == [2] and read_expert_meta(path)["seed"] == 2
 
-    monkeypatch.setattr(experts, "train_expert", lambda p, job, *a: trained.append(job.index) or {"metrics": {}})
+    monkeypatch.setattr(stage, "train_expert", lambda p, job, *a, **k: trained.append(job.index) or {"metrics": {}})
     params.experts.lr_txt = 0.05  # experts trained with another recipe do not count as finished
-    train_experts(params, "embedded", shard=(0, 1))
+    train_all(params)
     assert trained[4:] == [0, 1, 2]
 
 
-def test_list_experts_of_a_missing_folder_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="no expert folder"):
-        list_experts(tmp_path / "nope")
+def test_a_missing_trajectory_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_trajectory(tmp_path / "expert_000.safetensors")
 
@@ -247,8 +239,8 @@ def test_expert_learns_retrieval_on_learnable_pairs(tmp_path, monkeypatch):
     """20 test images, 40 captions: chance r_mean is about 27. Measured r_mean of this setting
     (6 epochs): 70.4 (seed 0) and 54.2 (seed 1); 47.5-69.6 after only 4 epochs."""
     data = (make_pairs(64, captions=2, seed=0), make_pairs(20, captions=2, seed=1))
-    monkeypatch.setattr(experts, "load_expert_data", lambda params, dataset: data)
-    params = params_for(tmp_path, num_experts=1, epochs=6, batch_size=32, augment=False)
-    meta = read_expert_meta(train_experts(params, "embedded") / "expert_000.safetensors")
+    monkeypatch.setattr(stage, "load_expert_data", lambda params, dataset: data)
+    params = params_for(tmp_path, ids=[0], epochs=6, batch_size=32, augment=False)
+    meta = read_expert_meta(run_expert(params, "embedded", 0))
     assert meta["losses"][-1] < meta["losses"][0]
     assert meta["metrics"]["r_mean"] > 40, meta["metrics"]

@@ -1,5 +1,11 @@
-"""Trajectory-matching distillation: LoRS, TESLA-VL and MTT-VL (method.md 3)."""
+"""Dataset distillation methods (method.md 3): the registry and the trajectory-matching engine.
 
-from lors.distill.run import METHODS, run_distillation
+Built-in methods register themselves in their modules (lors, tesla_vl, mtt_vl); see
+`lors.distill.registry` for adding one.
+"""
 
-__all__ = ["METHODS", "run_distillation"]
+from lors.distill.registry import (DistillMethod, MethodContext, MethodResult, get_method, methods, register,
+                                   resolve_settings)
+
+__all__ = ["DistillMethod", "MethodContext", "MethodResult", "get_method", "methods", "register",
+           "resolve_settings"]

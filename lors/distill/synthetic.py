@@ -15,11 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lors.config import DistillSetting
 from lors.data.image_store import gather_images
 from lors.data.transforms import normalize, to_unit
 from lors.errors import ConfigError
-from lors.similarity import IdentitySimilarity, build_similarity
 from lors.synset import SyntheticSet
 
 # method.md 3.2: the reference's noise initialisation statistics (per image channel; texts scalar)
@@ -58,18 +56,6 @@ class LearnableSet(nn.Module):
             return SyntheticSet(images=self.images.detach().clone(), texts=self.texts.detach().clone(),
                                 similarity=similarity, lr_img=self.lr_img.item(), lr_txt=self.lr_txt.item(),
                                 meta=dict(meta), extra=extra)
-
-
-def n_synthetic_pairs(method: str, budget: int, protocol: str) -> int:
-    """LoRS under the reference protocol stores budget-1 pairs so S~ fits the budget (method.md 8.5)."""
-    return budget - 1 if method == "lors" and protocol == "reference" else budget
-
-
-def build_method_similarity(method: str, setting: DistillSetting, n: int) -> nn.Module:
-    """LoRS learns S~ (low-rank or full, starting at I); TESLA-VL and MTT-VL keep the identity."""
-    if method == "lors":
-        return build_similarity(setting.similarity, n, setting.rank, setting.alpha)
-    return IdentitySimilarity(n)
 
 
 def check_pool(n: int, n_rows: int, where: str = "the training split") -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lors.losses import soft_contrastive_loss
+from lors.losses import infonce, soft_contrastive_loss
 from lors.models import DualEncoder
 from lors.retrieval import test_retrieval
 
@@ -38,11 +38,13 @@ def eval_epochs(first: int, last: int, every: int) -> list[int]:
 
 
 def synset_optimizer(model: DualEncoder, lr_img: float, lr_txt: float, momentum: float, weight_decay: float,
-                     epochs: int) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR]:
-    """SGD with the set's learned lrs per branch; x0.1 from epoch epochs//2+1 on (51 of 0..100)."""
+                     epochs: int | None) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR | None]:
+    """SGD with one lr per branch; x0.1 from epoch epochs//2+1 on (51 of 0..100), no decay for None."""
     optimizer = torch.optim.SGD([{"params": model.image_encoder.parameters(), "lr": lr_img},
                                  {"params": model.text_head.parameters(), "lr": lr_txt}],
                                 momentum=momentum, weight_decay=weight_decay)
+    if epochs is None:
+        return optimizer, None
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 2 + 1], gamma=0.1)
 
 
@@ -56,6 +58,22 @@ def synset_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer, images: t
     for _ in range(math.ceil(n / batch_size)):
         rows = torch.randperm(n, generator=generator)[:min(batch_size, n)].to(images.device)
         value = soft_contrastive_loss(loss, model(images[rows], texts[rows]), similarity[rows][:, rows])
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+        losses.append(value.detach())
+    return torch.stack(losses).mean().item()
+
+
+def partition_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer, images: torch.Tensor, texts: torch.Tensor,
+                    *, batch_size: int, generator: torch.Generator) -> float:
+    """One VL-Distill epoch (method.md 4.2): a shuffled partition into batches of b pairs (the last one
+    smaller), InfoNCE with identity targets. Returns the mean loss."""
+    model.train()
+    order = torch.randperm(len(images), generator=generator).to(images.device)
+    losses = []
+    for rows in order.split(batch_size):
+        value = infonce(model(images[rows], texts[rows]))
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

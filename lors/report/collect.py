@@ -24,11 +24,15 @@ def source_arch(params: Params) -> str:
     return f"{params.model.image_encoder}+{params.text_encoder.name}"
 
 
-def selection_for(params: Params, available: set[str]) -> str:
-    """Which epoch a table reports: the paper's best-on-test under `reference`, else val (or last)."""
+def selection_for(params: Params, available: set[str], eval_protocol: str = "lors") -> str:
+    """Which epoch a table reports: under `reference` the paper's best-on-test, except for sets evaluated
+    with VL-Distill's protocol, which reports the last epoch (method.md 4.2); else val (or last)."""
     choice = params.report.selection
     if choice == "auto":
-        choice = "best" if params.protocol == "reference" else ("val" if "val" in available else "last")
+        if params.protocol == "reference":
+            choice = "last" if eval_protocol == "vl_distill" else "best"
+        else:
+            choice = "val" if "val" in available else "last"
     return choice
 
 
@@ -63,7 +67,8 @@ def collect_results(params: Params, dataset: str):
         method, budget, arch = str(data["method"]), int(data["budget"]), str(data["arch"])
         if (method, budget, arch) not in cells and method != WHOLE:
             continue
-        selection = selection_for(params, set(data["summary"]))
+        eval_protocol = data.get("eval_protocol", "lors")
+        selection = selection_for(params, set(data["summary"]), eval_protocol)
         if selection not in data["summary"]:
             raise DataError(f"{path}: summary has no '{selection}' selection (has {', '.join(data['summary'])})")
         summary = data["summary"][selection]
@@ -73,9 +78,9 @@ def collect_results(params: Params, dataset: str):
             rows.append({"dataset": dataset, "budget": budget, "method": method, "arch": arch,
                          "selection": selection, "metric": metric, "mean": float(summary[metric]["mean"]),
                          "std": float(summary[metric]["std"]), "protocol": data.get("protocol", params.protocol),
-                         "path": str(path)})
+                         "eval_protocol": eval_protocol, "path": str(path)})
     return pd.DataFrame(rows, columns=["dataset", "budget", "method", "arch", "selection", "metric", "mean",
-                                       "std", "protocol", "path"])
+                                       "std", "protocol", "eval_protocol", "path"])
 
 
 def load_published(path: str | Path):

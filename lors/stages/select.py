@@ -1,4 +1,4 @@
-"""The select stage: pick `budget` real train pairs and write them in the synthetic-set format.
+"""`lors-bench select --dataset D --budget B --method M`: pick `budget` real train pairs and write them in the synthetic-set format.
 
 The set holds each chosen pair's real image (test transform at the prepared resolution, normalised),
 its caption's frozen text features, the identity similarity and the expert learning rates
@@ -24,6 +24,7 @@ from lors.errors import ConfigError
 from lors.io import write_json
 from lors.paths import Layout
 from lors.runtime import resolve_device, seed_everything
+from lors.stages.experts import expert_paths
 from lors.similarity import IdentitySimilarity
 from lors.synset import FILENAME, SyntheticSet
 from lors.tracking import stage_run
@@ -63,12 +64,12 @@ def run_selection(params: Params, dataset: str, budget: int, method: str) -> Pat
         raise ConfigError(f"budget {budget} is outside 1..{n_pairs}, the train pairs of '{dataset}'")
 
     device = resolve_device(params.device)
-    experts_dir = Layout(params.work_dir).experts(dataset, params.model.image_encoder, params.text_encoder.name)
+    experts = expert_paths(params, dataset)
     pool = PairPool(
         n_pairs,
-        load_embeddings=lambda: load_expert_embeddings(params, experts_dir, split.images, text_features,
+        load_embeddings=lambda: load_expert_embeddings(params, experts, split.images, text_features,
                                                        split.txt2img, device),
-        load_forgetting=lambda: load_forgetting_record(experts_dir, n_pairs))
+        load_forgetting=lambda: load_forgetting_record(experts, n_pairs))
     out_dir = Layout(params.work_dir).synset(dataset, budget, method)
     tags = {"dataset": dataset, "method": method, "budget": budget}
     with stage_run(params, "select", f"select/{dataset}/{method}-{budget}", tags) as tracker:
