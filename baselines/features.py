@@ -75,7 +75,7 @@ class PairPool:
 
 
 def expert_files(files: list[Path]) -> list[Path]:
-    """The grid's expert trajectory files (`experts.ids` order), each of which must exist."""
+    """The grid's expert trajectory files (`grid.experts` order), each of which must exist."""
     for path in files:
         if not path.is_file():
             raise DataError(f"{path}: expert trajectory not found (run `lors-bench experts` first)")
@@ -92,7 +92,7 @@ def load_expert_embeddings(params, experts: list[Path], images: np.ndarray, text
     files = expert_files(experts)
     index = params.select.expert_index
     if not 0 <= index < len(files):
-        raise ConfigError(f"select.expert_index={index} but the grid has {len(files)} experts (experts.ids)")
+        raise ConfigError(f"select.expert_index={index} but the grid has {len(files)} experts (grid.experts)")
     trajectory = load_trajectory(files[index])
     model = build_dual_encoder(params.model.image_encoder, text_features.shape[1], params.model.pretrained,
                                params.model.temperature, params.model.text_head_dropout)

@@ -61,8 +61,8 @@ class ModelConfig(Strict):
 
 
 class ExpertsConfig(Strict):
-    # one DVC stage per expert: experts@<dataset>-<id>; expert i is seeded seed*1000+i
-    ids: list[int] = Field(default_factory=lambda: list(range(20)), min_length=1)
+    """The expert recipe (method.md 2); which experts run is `grid.experts`."""
+
     # snapshots after epochs 0..epochs; must reach every distillation cell's max_start_epoch-1+expert_epochs
     # (checked at load), the reference trains 10 (`keep all`) but distillation reads only the first few
     epochs: int = Field(2, ge=1)
@@ -73,13 +73,6 @@ class ExpertsConfig(Strict):
     eval_every: int = Field(0, ge=0)  # 0: evaluate retrieval only at the end of each expert
     amp: bool = False  # bf16 autocast on GPU
     channels_last: bool = False
-
-    @field_validator("ids")
-    @classmethod
-    def _distinct(cls, ids: list[int]) -> list[int]:
-        if len(set(ids)) != len(ids) or min(ids) < 0:
-            raise ValueError("expert ids must be distinct integers >= 0")
-        return ids
 
 
 class MethodBlock(Strict):
@@ -164,12 +157,21 @@ class GridConfig(Strict):
     """What one `dvc repro` runs: the matrix of the pipeline stages."""
 
     datasets: list[str]
+    # expert ids, one DVC stage (and cluster job) each: experts@<dataset>-<id>, seeded seed*1000+id
+    experts: list[int] = Field(default_factory=lambda: list(range(20)), min_length=1)
     distill_methods: list[str] = ["lors", "tesla_vl", "mtt_vl"]
     distill_budgets: list[int] = [100, 200, 500]
     select_methods: list[str] = ["random", "herding", "kcenter", "forgetting", "vas", "clip_score"]
     select_budgets: list[int] = [100, 200, 500, 1000]
     archs: list[str] = []  # cross-architecture "image+text" pairs evaluated on top of the source one
     cross_methods: list[str] = ["lors"]  # distillation methods evaluated on every entry of `archs`
+
+    @field_validator("experts")
+    @classmethod
+    def _distinct(cls, ids: list[int]) -> list[int]:
+        if len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ValueError("expert ids must be distinct integers >= 0")
+        return ids
 
     @field_validator("archs")
     @classmethod

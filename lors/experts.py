@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 def expert_file(folder: Path, index: int) -> Path:
     """The trajectory file in an expert's own folder (`Layout.expert`); forgetting files sit beside it."""
-    return Path(folder) / f"expert_{index:03d}.safetensors"
+    return Path(folder) / f"expert_{index}.safetensors"
 
 
 @dataclass

@@ -23,7 +23,7 @@ class Layout:
 
     def expert(self, dataset: str, image_encoder: str, text_encoder: str, index: int) -> Path:
         """One expert's folder (its own DVC output): trajectory.safetensors, forgetting.npy, learned.npy."""
-        return self.experts(dataset, image_encoder, text_encoder) / f"expert_{index:03d}"
+        return self.experts(dataset, image_encoder, text_encoder) / f"expert_{index}"
 
     def synset(self, dataset: str, budget: int, method: str) -> Path:
         return self.work / dataset / "synsets" / f"{method}-{budget}"

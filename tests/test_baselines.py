@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from baselines import SELECTORS, get_selector, run_selection
+from baselines import SELECTORS, get_selector
+from lors.stages.select import run_selection
 from baselines.features import ForgettingRecord, PairEmbeddings, PairPool
 from baselines.forgetting import forgetting_order
 from baselines.herding import herding
@@ -206,7 +207,7 @@ def staged(monkeypatch, tiny_params):
     texts = torch.randn(len(split.txt2img), 10, generator=torch.Generator().manual_seed(1))
     monkeypatch.setattr(lors.data, "load_split", lambda p, d, s: split, raising=False)
     monkeypatch.setattr(lors.data, "load_text_features", lambda p, d, s: texts, raising=False)
-    monkeypatch.setattr("baselines.stage.load_expert_embeddings",
+    monkeypatch.setattr("lors.stages.select.load_expert_embeddings",
                         lambda *a: pool_of(n_images=12, captions=3).embeddings)
     return tiny_params, split, texts
 
@@ -253,8 +254,8 @@ def test_every_method_on_the_embedded_default_end_to_end(tmp_path):
     from lors.config import Params
     from lors.data.prepare import prepare_dataset
     from lors.data.text_features import embed_dataset
-    from lors.evaluate import evaluate_synset
-    from lors.experts import train_experts
+    from lors.evaluation.protocol import evaluate_synset
+    from lors.stages.experts import run_expert
 
     raw = tiny_params_dict(tmp_path / "work")
     raw["datasets"]["embedded"]["embedded"].update(n_train=20, n_val=10, n_test=10, captions_per_image=2)
@@ -263,7 +264,8 @@ def test_every_method_on_the_embedded_default_end_to_end(tmp_path):
     params = Params.model_validate(raw)
     prepare_dataset(params, "embedded")
     embed_dataset(params, "embedded")
-    train_experts(params, "embedded")
+    for expert in params.grid.experts:
+        run_expert(params, "embedded", expert)
     sets = {method: SyntheticSet.load(run_selection(params, "embedded", 10, method)) for method in SELECTORS}
     for method, synset in sets.items():
         assert len(synset) == 10 and len(set(synset.meta["indices"])) == 10, method

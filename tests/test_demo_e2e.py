@@ -18,15 +18,27 @@ COPY = ("dvc.yaml", "params.yaml", ".dvc", ".dvcignore", "lors", "baselines", "p
 def _ci_params() -> dict:
     """The demo profile shrunk to one budget per family and two methods each: the same stages, minutes less."""
     data = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())
-    data["grid"].update({"distill_methods": ["lors", "tesla_vl"], "distill_budgets": [10], "select_methods":
-                         ["random", "herding"], "select_budgets": [10], "archs": ["test_resnet+minilm"]})
+    data["grid"].update({"experts": [0], "distill_methods": ["lors", "tesla_vl"], "distill_budgets": [10],
+                         "select_methods": ["random", "herding"], "select_budgets": [10],
+                         "archs": ["test_resnet+minilm"]})
     data["datasets"]["embedded"].update({"image_size": 16, "embedded": {"n_train": 60, "n_val": 20, "n_test": 20,
                                                                       "captions_per_image": 5, "seed": 0}})
-    data["distill"]["settings"]["embedded"] = {10: {**data["distill"]["settings"]["embedded"][20],
-                                                    "iterations": 4, "eval_every": 0, "syn_steps": 2}}
-    data["experts"].update({"num_experts": 1, "batch_size": 32})
-    data["evaluate"].update({"num_eval": 1, "epochs": 2, "eval_every": 1, "whole_epochs": 1})
+    for method in ("lors", "tesla_vl"):
+        block = data["distill"][method]
+        block["default"].update({"iterations": 4, "syn_steps": 2})
+        block["settings"] = {"embedded": {10: {}}}
+    data["experts"].update({"batch_size": 32})
+    data["evaluate"].update({"num_eval": 1, "whole_epochs": 1})
+    data["evaluate"]["default"].update({"epochs": 2, "eval_every": 1})
     return data
+
+
+def _stale(dvc, cwd, env) -> set[str]:
+    """Stage names `dvc status` reports as changed."""
+    import json
+
+    out = subprocess.run([*dvc, "status", "--json"], cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout or "{}"))
 
 
 @pytest.mark.slow
@@ -60,3 +72,28 @@ def test_dvc_repro_demo_end_to_end(tmp_path):
 
     second = subprocess.run([*dvc, "repro"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "Running stage" not in second.stdout, second.stdout[-2000:]
+
+    # issue 10's measured defects: each edit marks exactly the stages that depend on it
+    params_file = tmp_path / "params.yaml"
+    original = params_file.read_text()
+    edited = yaml.safe_load(original)
+    edited["evaluate"]["num_eval"] = 2
+    params_file.write_text(yaml.safe_dump(edited, sort_keys=False))
+    stale = _stale(dvc, tmp_path, env)
+    assert stale and not any(s.startswith(("distill", "select", "experts")) for s in stale), stale
+    edited = yaml.safe_load(original)
+    edited["distill"]["lors"]["default"]["rank"] = 3
+    params_file.write_text(yaml.safe_dump(edited, sort_keys=False))
+    assert _stale(dvc, tmp_path, env) == {"distill@embedded-10-lors"}
+    params_file.write_text(original)
+    for module in ("lors/metrics.py", "lors/retrieval.py", "lors/runtime.py", "lors/synset.py",
+                   "lors/data/transforms.py", "lors/data/augment.py"):
+        path = tmp_path / module
+        text = path.read_text()
+        path.write_text(text + "\n# edited\n")
+        assert _stale(dvc, tmp_path, env), f"a change to {module} reruns nothing"
+        path.write_text(text)
+    status = subprocess.run([str(Path(sys.executable).parent / "lors-bench"), "status"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert status.returncode == 0 and "distill@embedded-10-lors" in status.stdout, status.stdout + status.stderr
+    assert status.stdout.strip().splitlines()[-1].startswith(tuple("0123456789")), status.stdout

@@ -14,20 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_lors_set_retrieves_better_than_random_pairs(tmp_path):
-    from baselines import run_selection
     from lors.data.prepare import prepare_dataset
     from lors.data.text_features import embed_dataset
-    from lors.distill import run_distillation
-    from lors.evaluate import run_evaluation
-    from lors.experts import train_experts
     from lors.io import read_json
+    from lors.stages.distill import run_distillation
+    from lors.stages.evaluate import run_evaluation
+    from lors.stages.experts import run_expert
+    from lors.stages.select import run_selection
 
     data = yaml.safe_load((ROOT / "profiles" / "demo.yaml").read_text())  # the demo: embedded default
     data.update(work_dir=str(tmp_path / "work"), device="cpu", tracking={"enabled": False})
     params = Params.model_validate(data)
     prepare_dataset(params, "embedded")
     embed_dataset(params, "embedded")
-    train_experts(params, "embedded")
+    for expert in params.grid.experts:
+        run_expert(params, "embedded", expert)
     run_distillation(params, "embedded", 50, "lors")
     run_selection(params, "embedded", 50, "random")
     scores = {}

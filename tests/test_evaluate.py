@@ -19,12 +19,14 @@ from lors.data import Split
 from lors.data.text_features import encode_captions, load_text_encoder
 from lors.data.transforms import normalize
 from lors.errors import ConfigError, DataError
-from lors.evaluate import evaluate_synset, evaluate_whole, run_evaluation
+from lors.checkpoints import CheckpointStore
+from lors.config import EvalSettings
+from lors.evaluation.protocol import evaluate_synset, evaluate_whole, train_networks_on_set
 from lors.evaluation import parse_arch, select_epochs, summarise
 from lors.evaluation import train as train_module
-from lors.evaluation.resume import NetworkCache
 from lors.evaluation.texts import training_texts
-from lors.evaluation.train import eval_epochs, synset_epoch, synset_optimizer
+from lors.evaluation.train import eval_epochs, partition_epoch, synset_epoch, synset_optimizer
+from lors.stages.evaluate import run_evaluation
 from lors.models import build_dual_encoder
 from lors.paths import Layout
 from lors.synset import FILENAME, SyntheticSet
@@ -70,7 +72,9 @@ def learnable(monkeypatch):
 
 def make_params(tmp_path: Path, **evaluate) -> Params:
     raw = tiny_params_dict(tmp_path / "work")
-    raw["evaluate"] = {"num_eval": 1, "epochs": 2, "eval_every": 1, **evaluate}
+    num_eval = evaluate.pop("num_eval", 1)
+    raw["evaluate"] = {"num_eval": num_eval, "default": {"epochs": 2, "eval_every": 1, **evaluate},
+                       "methods": raw["evaluate"]["methods"]}
     return Params.model_validate(raw)
 
 
@@ -149,6 +153,44 @@ def test_each_minibatch_is_an_independent_subset_with_its_similarity_block(monke
                  loss="ence", generator=gen)
     assert len(seen) == 1 and seen[0][1] == (3, 3)  # N < b: one batch of all N pairs
     assert sorted((seen[0][2].diagonal() / 6).long().tolist()) == [0, 1, 2]
+
+
+def test_vl_distill_epoch_is_a_shuffled_partition_with_identity_infonce(monkeypatch):
+    """method.md 4.2: every pair once per epoch, in batches of b (the last one smaller), CLIP loss."""
+    seen = []
+
+    def spy(logits):
+        seen.append(logits.shape)
+        return logits.mean()
+
+    monkeypatch.setattr(train_module, "infonce", spy)
+    model = build_dual_encoder("test_nfnet", text_dim=4, pretrained=False)
+    optimizer, scheduler = synset_optimizer(model, 0.1, 0.1, 0.9, 5e-4, epochs=None)
+    assert scheduler is None  # VL-Distill decays only after its last epoch
+    images = torch.randn(5, 3, 16, 16)
+    visited = []
+    real_model_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda i, t: (visited.append(i.sum((1, 2, 3))), real_model_forward(i, t))[1])
+    partition_epoch(model, optimizer, images, torch.randn(5, 4), batch_size=2, generator=torch.Generator())
+    assert seen == [(2, 2), (2, 2), (1, 1)]
+    torch.testing.assert_close(torch.cat(visited).sort().values, images.sum((1, 2, 3)).sort().values)
+
+
+def test_vl_distill_protocol_trains_both_branches_at_the_image_lr_and_reports_the_last_epoch(tmp_path, learnable,
+                                                                                            monkeypatch):
+    params = make_params(tmp_path)
+    split, feats = learnable["train"]
+    synset = pairs_synset(split, feats, list(range(20)))
+    synset.lr_txt = 0.0  # must not be used: VL-Distill sets lr_net = syn_lr_img for both branches
+    lrs = []
+    real = train_module.synset_optimizer
+    monkeypatch.setattr("lors.evaluation.protocol.synset_optimizer",
+                        lambda m, a, b, *rest: (lrs.append((a, b, rest[-1])), real(m, a, b, *rest))[1])
+    vld = EvalSettings(protocol="vl_distill", epochs=3, batch_size=8)
+    result = evaluate_synset(params, synset, "embedded", progress=False, settings=vld)
+    assert lrs == [(0.1, 0.1, None)]
+    assert result["networks"][0]["epochs"] == [3] and result["eval_protocol"] == "vl_distill"
+    assert result["loss"] == "infonce"
 
 
 def test_optimizer_and_step_decay_follow_the_reference():
@@ -262,7 +304,7 @@ def test_interrupted_evaluation_resumes_at_the_next_network(tmp_path, learnable,
     params = make_params(tmp_path, num_eval=2, epochs=1)
     split, feats = learnable["train"]
     synset = pairs_synset(split, feats, list(range(20)))
-    cache = NetworkCache(tmp_path / "ckpt", "fp")
+    cache = CheckpointStore(tmp_path / "ckpt", "fp")
     uninterrupted = evaluate_synset(params, synset, "embedded", progress=False)
 
     def crash_after_first(k, record):
@@ -270,20 +312,20 @@ def test_interrupted_evaluation_resumes_at_the_next_network(tmp_path, learnable,
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate_synset(params, synset, "embedded", progress=False, cache=cache, on_network=crash_after_first)
+        evaluate_synset(params, synset, "embedded", progress=False, checkpoints=cache, on_network=crash_after_first)
     calls = []
     real_run = train_module.run_network
-    monkeypatch.setattr("lors.evaluate.run_network", lambda *a, **k: calls.append(1) or real_run(*a, **k))
-    resumed = evaluate_synset(params, synset, "embedded", progress=False, cache=cache)
+    monkeypatch.setattr("lors.evaluation.protocol.run_network", lambda *a, **k: calls.append(1) or real_run(*a, **k))
+    resumed = evaluate_synset(params, synset, "embedded", progress=False, checkpoints=cache)
     assert len(calls) == 1  # network 0 came from the cache
     assert [n["test"] for n in resumed["networks"]] == [n["test"] for n in uninterrupted["networks"]]
-    stale = NetworkCache(tmp_path / "ckpt", "another fingerprint")
-    assert stale.load(0) is None and cache.load(0) is not None
+    stale = CheckpointStore(tmp_path / "ckpt", "another fingerprint")
+    assert stale.load("net0") is None and cache.load("net0") is not None
 
 
 def test_whole_dataset_bound_uses_the_expert_recipe(tmp_path, learnable):
     raw = tiny_params_dict(tmp_path / "work")
-    raw["evaluate"] = {"num_eval": 1, "whole_epochs": 3}
+    raw["evaluate"]["num_eval"], raw["evaluate"]["whole_epochs"] = 1, 3
     raw["experts"] = {"batch_size": 20}  # lr 0.1, no momentum, augmentation on: the expert recipe
     params = Params.model_validate(raw)
     result = evaluate_whole(params, "embedded", progress=False)
@@ -381,7 +423,7 @@ def test_run_evaluation_end_to_end_on_the_embedded_dataset(tmp_path, monkeypatch
     raw = tiny_params_dict(tmp_path / "work")
     raw["datasets"]["embedded"]["embedded"] = {"n_train": 10, "n_val": 10, "n_test": 10, "captions_per_image": 1,
                                                "seed": 0}
-    raw["evaluate"] = {"num_eval": 2, "epochs": 2, "eval_every": 2, "whole_epochs": 1}
+    raw["evaluate"].update({"num_eval": 2, "default": {"epochs": 2, "eval_every": 2}, "whole_epochs": 1})
     raw["experts"] = {"batch_size": 5}
     params = Params.model_validate(raw)
     prepare_dataset(params, "embedded")
@@ -398,7 +440,7 @@ def test_run_evaluation_end_to_end_on_the_embedded_dataset(tmp_path, monkeypatch
         opened.append((stage, name, tags))
         yield tracker
 
-    monkeypatch.setattr("lors.evaluate.stage_run", fake_stage_run)
+    monkeypatch.setattr("lors.stages.evaluate.stage_run", fake_stage_run)
     out = run_evaluation(params, "embedded", 4, "random")
     assert out == Layout(params.work_dir).evaluation("embedded", 4, "random", "test_nfnet+minilm")
     result = json.loads(out.read_text())
@@ -417,7 +459,7 @@ def test_run_evaluation_end_to_end_on_the_embedded_dataset(tmp_path, monkeypatch
     finals = {k: v for metrics, step in tracker.metrics for k, v in metrics.items() if step is None}
     assert finals["best_r_mean_mean"] == result["summary"]["best"]["r_mean"]["mean"]
     assert finals["last_tr10_std"] == result["summary"]["last"]["tr10"]["std"]
-    assert tracker.tags == {"text_transfer": "none"} and tracker.artifacts == [str(out)]
+    assert tracker.tags == {"text_transfer": "none", "eval_protocol": "lors"} and tracker.artifacts == [str(out)]
 
     with pytest.raises(DataError, match="synthetic set not found"):
         run_evaluation(params, "embedded", 8, "random")

@@ -41,9 +41,10 @@ def make_pairs(n_images: int, captions: int = 2, seed: int = 0, noise: float = 0
     return PairedSplit(images, torch.tensor(feats, dtype=torch.float32), txt2img.astype(np.int64))
 
 
-def params_for(tmp_path, **experts_cfg) -> Params:
+def params_for(tmp_path, ids=(0, 1), **experts_cfg) -> Params:
     raw = tiny_params_dict(tmp_path / "work")
-    raw["experts"] = {"ids": [0, 1], "epochs": 2, "batch_size": 16, **experts_cfg}
+    raw["grid"]["experts"] = list(ids)
+    raw["experts"] = {"epochs": 2, "batch_size": 16, **experts_cfg}
     return Params.model_validate(raw)
 
 
@@ -57,7 +58,7 @@ def fake_data(monkeypatch):
 
 def train_all(params: Params) -> list:
     """What `dvc repro` does: one experts stage per id."""
-    return [run_expert(params, "embedded", i) for i in params.experts.ids]
+    return [run_expert(params, "embedded", i) for i in params.grid.experts]
 
 
 def test_wrong_dataset_or_model_fails_with_one_line(tmp_path, fake_data):
@@ -65,7 +66,7 @@ def test_wrong_dataset_or_model_fails_with_one_line(tmp_path, fake_data):
     with pytest.raises(ConfigError, match="unknown dataset 'flickr'") as exc:
         run_expert(params, "flickr", 0)
     assert "\n" not in str(exc.value)
-    with pytest.raises(ConfigError, match=r"--expert 7: not in experts.ids \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"--expert 7: not in grid.experts \[0, 1\]"):
         run_expert(params, "embedded", 7)
     params.model.image_encoder = "nfnet_l9000"
     with pytest.raises(ConfigError, match="unknown image encoder 'nfnet_l9000'") as exc:
@@ -129,8 +130,8 @@ def test_stage_writes_trajectories_and_forgetting_in_one_folder_per_expert(tmp_p
     train, test = fake_data
     epochs = params.experts.epochs
     assert files == expert_paths(params, "embedded")
-    assert [f"{f.parent.name}/{f.name}" for f in files] == ["expert_000/expert_000.safetensors",
-                                                           "expert_001/expert_001.safetensors"]
+    assert [f"{f.parent.name}/{f.name}" for f in files] == ["expert_0/expert_0.safetensors",
+                                                           "expert_1/expert_1.safetensors"]
     for index, path in enumerate(files):
         traj = load_trajectory(path)
         seed = params.seed * 1000 + index

@@ -42,8 +42,10 @@ def test_dag_covers_the_grid_and_params_exist(tmp_path, profile):
     grid = params.grid
     assert {name.split("@")[0] for name in stages} <= STAGES
     for ds in grid.datasets:
-        for stage in ("prepare", "embed_text", "experts", "evaluate_whole", "report"):
+        for stage in ("prepare", "embed_text", "evaluate_whole", "report"):
             assert f"{stage}@{ds}" in stages
+        for expert in params.grid.experts:
+            assert f"experts@{ds}-{expert}" in stages
         for b in grid.distill_budgets:
             for m in grid.distill_methods:
                 assert f"distill@{ds}-{b}-{m}" in stages and f"evaluate@{ds}-{b}-{m}" in stages
@@ -72,10 +74,37 @@ def _ancestors(graph, node):
     return nx.descendants(graph, node)  # DVC's graph points from a stage to the stages it depends on
 
 
-def test_distill_reads_only_its_own_setting(tmp_path):
-    """Changing one (dataset, budget) row must not rerun the other distillations."""
+def _params_of(repo, name: str) -> list[str]:
+    stage = next(s for s in repo.index.stages if s.name == name)
+    return [k for dep in stage.deps for k in (getattr(dep, "params", None) or [])]
+
+
+def test_distill_reads_only_its_own_method_and_cell(tmp_path):
+    """Changing one (dataset, budget) row or another method's block must not rerun a distillation, and no
+    evaluation knob reaches one (evaluation has its own stages)."""
     repo = _repo_with(tmp_path, "paper")
-    stage = next(s for s in repo.index.stages if s.name == "distill@flickr30k-100-lors")
-    keys = [k for dep in stage.deps for k in (getattr(dep, "params", None) or [])]
-    assert "distill.settings.flickr30k.100" in keys
-    assert not any(k == "distill" or k.startswith("distill.settings.coco") for k in keys)
+    keys = _params_of(repo, "distill@flickr30k-100-lors")
+    assert {"distill.lors.default", "distill.lors.settings.flickr30k.100"} <= set(keys)
+    assert not any(k == "distill" or k.startswith(("distill.lors.settings.coco", "distill.tesla_vl", "distill.mtt_vl",
+                                                   "evaluate")) for k in keys), keys
+    tesla = _params_of(repo, "distill@flickr30k-100-tesla_vl")
+    assert not any(k.startswith("distill.lors") for k in tesla), tesla
+
+
+def test_evaluation_reads_only_its_own_method_entry(tmp_path):
+    repo = _repo_with(tmp_path, "paper")
+    keys = _params_of(repo, "evaluate@coco-200-lors")
+    assert "evaluate.methods.lors" in keys and "evaluate.default" in keys
+    assert not any(k == "evaluate" or k.startswith("evaluate.methods.mtt_vl") for k in keys)
+    assert "evaluate.methods.herding" in _params_of(repo, "evaluate_coreset@coco-200-herding")
+
+
+def test_experts_are_one_stage_each_and_distillation_waits_for_all_of_them(tmp_path):
+    import networkx as nx
+
+    repo = _repo_with(tmp_path, "paper")
+    stages = {s.name: s for s in repo.index.stages}
+    assert [f"experts@coco-{i}" in stages for i in range(20)] == [True] * 20
+    upstream = {s.name for s in nx.descendants(repo.index.graph, stages["distill@coco-100-lors"])}
+    assert {f"experts@coco-{i}" for i in range(20)} <= upstream
+    assert not any(name.startswith("experts@flickr30k") for name in upstream)

@@ -175,7 +175,7 @@ def test_records_are_written_without_mlflow_then_replayed(tmp_path, tracked, mon
     assert tags["stage"] == "evaluate" and tags["budget"] == "20" and tags["text_transfer"] == "reference"
     assert tags[RECORD_ID_TAG] != failed.data.tags[RECORD_ID_TAG]
     assert good.data.params["num_eval"] == "2" and good.data.params["model.image_encoder"] == "test_nfnet"
-    assert good.data.params["distill.default.rank"] == "4" and good.data.params["sweep.149"] == "149"
+    assert good.data.params["distill.lors.default.rank"] == "4" and good.data.params["sweep.149"] == "149"
 
     from mlflow.tracking import MlflowClient
 
@@ -330,7 +330,7 @@ def test_concurrent_writers_then_read_back_through_mlflow_server(tmp_path):
         worker = int(tags["mlflow.runName"].split("-")[1])
         assert tags["stage"] == "evaluate" and tags["dataset"] == "embedded" and tags["method"] == "lors"
         assert metrics["r_mean"] == worker + 4  # the last logged step
-        assert params["model.image_encoder"] == "test_nfnet" and params["distill.default.rank"] == "4"
+        assert params["model.image_encoder"] == "test_nfnet" and params["distill.lors.default.rank"] == "4"
         assert run["info"]["status"] == "FINISHED"
         assert run["info"]["artifact_uri"].startswith((tmp_path / "mlartifacts").as_uri())
     assert len({t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "run_group"}) == 1

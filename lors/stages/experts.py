@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def expert_paths(params: Params, dataset: str) -> list[Path]:
-    """The trajectory files of the grid's experts (`experts.ids`) of a dataset, in id order."""
+    """The trajectory files of the grid's experts (`grid.experts`) of a dataset, in id order."""
     layout, m = Layout(params.work_dir), params.model
     return [expert_file(layout.expert(dataset, m.image_encoder, params.text_encoder.name, i), i)
-            for i in params.experts.ids]
+            for i in params.grid.experts]
 
 
 def load_expert_data(params: Params, dataset: str) -> tuple[PairedSplit, PairedSplit]:
@@ -57,8 +57,8 @@ def expert_fingerprint(params: Params, dataset: str, index: int) -> dict[str, An
 def run_expert(params: Params, dataset: str, index: int) -> Path:
     """Train expert `index` of `dataset` unless a matching one is finished; returns its trajectory file."""
     params.dataset(dataset)
-    if index not in params.experts.ids:
-        raise ConfigError(f"--expert {index}: not in experts.ids {params.experts.ids}")
+    if index not in params.grid.experts:
+        raise ConfigError(f"--expert {index}: not in grid.experts {params.grid.experts}")
     check_image_encoder_name(params.model.image_encoder)
     layout = Layout(params.work_dir)
     encoders = f"{slug(params.model.image_encoder)}+{slug(params.text_encoder.name)}"
