@@ -147,6 +147,8 @@ class ReportConfig(Strict):
     """What `lors-bench report` compares and how it flags a reproduction."""
 
     published: Path = Path("reports/published.csv")  # columns dataset,budget,method,metric,value,std,source
+    # what the demo profile gives on a 2-core CPU (same columns), so another machine sees if it reproduces
+    expected: Path = Path("reports/expected-demo.csv")
     selection: Literal["auto", "best", "last", "val"] = "auto"  # auto: best (reference), val or last (clean)
     sigma: float = Field(2.0, gt=0)  # flag |reproduced - published| > sigma * std
 
