@@ -137,7 +137,8 @@ def test_bad_checkpoint_is_one_line_naming_file_and_key(tmp_path):
         assert str(path) in message and expected in message and "\n" not in message, message
     (tmp_path / "weights.npz").touch()
     for path, expected in [(tmp_path / "absent.pth", "checkpoint file not found"),
-                           (tmp_path / "weights.npz", "is not a checkpoint file")]:
+                           (tmp_path / "weights.npz", "is neither true/false, a checkpoint file"),
+                           ("timm/nfnet_l0.ra2_in1k", "is neither true/false, a checkpoint file")]:
         with pytest.raises(ConfigError, match=expected):
             build_image_encoder("test_nfnet", pretrained=str(path))
     (tmp_path / "broken.pth").write_bytes(b"not a pickle")

@@ -30,8 +30,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file, unwrapped from 'state_dict'/'model' and without 'module.'."""
     if not path.is_file():
         raise ConfigError(f"model.pretrained: checkpoint file not found: {path}")
-    if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise ConfigError(f"model.pretrained: {path} is not a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)})")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -118,7 +116,11 @@ def load_lite0_package(model: nn.Module, name: str) -> None:
 
 def load_pretrained(model: nn.Module, name: str, pretrained: str) -> None:
     """Fill `model` (timm `name`, pooled) from `pretrained`: the package name or a checkpoint path."""
+    path = Path(pretrained).expanduser()
     if pretrained == LITE0_PACKAGE:
         load_lite0_package(model, name)
+    elif path.suffix in CHECKPOINT_SUFFIXES:
+        load_checkpoint(model, name, path)
     else:
-        load_checkpoint(model, name, Path(pretrained).expanduser())
+        raise ConfigError(f"model.pretrained: '{pretrained}' is neither true/false, a checkpoint file "
+                          f"({', '.join(CHECKPOINT_SUFFIXES)}) nor '{LITE0_PACKAGE}'")
