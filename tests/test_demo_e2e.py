@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ("dvc.yaml", "params.yaml", ".dvc", ".dvcignore", "lors", "baselines", "profiles", "reports/published.csv")
+COPY = ("dvc.yaml", "params.yaml", ".dvc", ".dvcignore", "lors", "baselines", "profiles", "reports/published.csv",
+        "reports/expected-demo.csv")
 
 
 def _ci_params() -> dict:

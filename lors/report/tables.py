@@ -68,20 +68,22 @@ def results_table(results, params: Params, dataset: str) -> Table:
                  groups=[(f"{b} pairs", len(METRICS)) for b in budgets])
 
 
-def reproduction_frame(results, published, sigma: float, arch: str):
-    """Reproduced vs published per (dataset, budget, method, metric): Δ = reproduced − published, flagged
-    when |Δ| > sigma·σ with σ the published std where given, else the reproduced std."""
+def reproduction_frame(results, reference, sigma: float, arch: str):
+    """Reproduced vs reference (published or expected) per (dataset, budget, method, metric):
+    Δ = reproduced − reference, flagged when |Δ| > sigma·σ with σ the reference std where given, else the
+    reproduced std. `source` and `file` say where each reference number comes from."""
     ours = results[results["arch"] == arch][["dataset", "budget", "method", "metric", "mean", "std"]]
-    merged = ours.merge(published[["dataset", "budget", "method", "metric", "value", "std"]],
-                        on=["dataset", "budget", "method", "metric"], suffixes=("", "_published"))
-    merged = merged.rename(columns={"mean": "reproduced", "std": "reproduced_std", "value": "published"})
-    merged["delta"] = merged["reproduced"] - merged["published"]
-    merged["sigma_used"] = merged["std_published"].where(merged["std_published"].notna(), merged["reproduced_std"])
+    merged = ours.merge(reference[["dataset", "budget", "method", "metric", "value", "std", "source", "file"]],
+                        on=["dataset", "budget", "method", "metric"], suffixes=("", "_reference"))
+    merged = merged.rename(columns={"mean": "reproduced", "std": "reproduced_std", "value": "reference"})
+    merged["delta"] = merged["reproduced"] - merged["reference"]
+    merged["sigma_used"] = merged["std_reference"].where(merged["std_reference"].notna(), merged["reproduced_std"])
     merged["flagged"] = merged["delta"].abs() > sigma * merged["sigma_used"]
     return merged.reset_index(drop=True)
 
 
 def reproduction_table(frame, params: Params, dataset: str) -> Table:
+    """One row per compared cell; the caption names every file and source the reference numbers come from."""
     order = {m: i for i, m in enumerate([*params.grid.select_methods, *params.grid.distill_methods])}
     rows = frame[frame["dataset"] == dataset].copy()
     rows["method_order"] = rows["method"].map(lambda m: order.get(m, len(order)))
@@ -89,15 +91,19 @@ def reproduction_table(frame, params: Params, dataset: str) -> Table:
     rows = rows.sort_values(["method_order", "budget", "metric_order"])
     body = []
     for r in rows.itertuples():
-        published = f"{r.published:.1f}" + ("" if math.isnan(r.std_published) else f" ± {r.std_published:.1f}")
+        reference = f"{r.reference:.1f}" + ("" if math.isnan(r.std_reference) else f" ± {r.std_reference:.1f}")
         body.append([Cell(method_name(r.method)), Cell(str(r.budget)), Cell(METRIC_NAMES[r.metric]),
-                     Cell(_value(r.reproduced, r.reproduced_std)), Cell(published), Cell(f"{r.delta:+.1f}"),
+                     Cell(_value(r.reproduced, r.reproduced_std)), Cell(reference), Cell(f"{r.delta:+.1f}".replace("-", "−")),
                      Cell(f"outside {params.report.sigma:g}σ" if r.flagged else "", bold=bool(r.flagged))])
-    caption = (f"Reproduction check on {dataset}: reproduced vs published, Δ = reproduced − published, flagged "
-               f"when |Δ| > {params.report.sigma:g}σ (published std where given, else reproduced); "
+    origins = "; ".join(f"{source} ({file})" for file, source in dict.fromkeys(zip(rows["file"], rows["source"])))
+    compared = (f"reproduced vs reference numbers: {origins}" if origins else
+                f"no reference numbers for its grid in report.published ({params.report.published}) or "
+                f"report.expected ({params.report.expected})")
+    caption = (f"Reproduction check on {dataset}, {compared}. Δ = reproduced − reference, flagged "
+               f"when |Δ| > {params.report.sigma:g}σ (reference std where given, else reproduced); "
                f"{provenance(params, 'reported')}.")
     return Table(caption=caption, label=f"tab:{dataset}-reproduction",
-                 columns=["Method", "Pairs", "Metric", "Reproduced", "Published", "Δ", "Flag"],
+                 columns=["Method", "Pairs", "Metric", "Reproduced", "Reference", "Δ", "Flag"],
                  sections=[body] if body else [])
 
 
