@@ -19,17 +19,31 @@ def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method)
 
 
-def provenance(params: Params, selection: str) -> str:
-    return (f"protocol {params.protocol}, profile {params.profile}, seed {params.seed}, {selection} epoch; "
+EVAL_PROTOCOLS = {"lors": "LoRS", "vl_distill": "VL-Distill", "whole": "expert-recipe"}
+
+
+def evaluated_with(rows) -> str:
+    """Which evaluation protocol (and epoch) produced which rows, e.g. 'evaluated with the LoRS protocol
+    (best epoch); MTT-VL with the VL-Distill protocol (last epoch)'."""
+    if not len(rows):
+        return "no evaluations yet"
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows.drop_duplicates(["method", "eval_protocol", "selection"]).itertuples():
+        groups.setdefault((r.eval_protocol, r.selection), []).append(method_name(r.method))
+    majority = max(groups, key=lambda g: len(groups[g]))
+    parts = [f"evaluated with the {EVAL_PROTOCOLS.get(majority[0], majority[0])} protocol ({majority[1]} epoch)"]
+    parts += [f"{', '.join(methods)} with the {EVAL_PROTOCOLS.get(p, p)} protocol ({s} epoch)"
+              for (p, s), methods in groups.items() if (p, s) != majority]
+    return "; ".join(parts)
+
+
+def provenance(params: Params, rows) -> str:
+    return (f"protocol {params.protocol}, profile {params.profile}, seed {params.seed}; {evaluated_with(rows)}; "
             f"mean ± std over {params.evaluate.num_eval} networks")
 
 
 def _value(mean: float, std: float) -> str:
     return f"{mean:.1f} ± {std:.1f}"
-
-
-def _selection(results) -> str:
-    return str(results["selection"].iloc[0]) if len(results) else "best"
 
 
 def results_table(results, params: Params, dataset: str) -> Table:
@@ -63,7 +77,7 @@ def results_table(results, params: Params, dataset: str) -> Table:
         sections.append([[Cell(method_name(WHOLE))] + [Cell(_value(*whole[m])) for _ in budgets for m in METRICS]])
     columns = ["Method"] + [METRIC_NAMES[m] for _ in budgets for m in METRICS]
     caption = (f"Retrieval on {dataset} (test split) with {arch}, by number of image-text pairs; "
-               f"{provenance(params, _selection(rows))}.")
+               f"{provenance(params, rows)}.")
     return Table(caption=caption, label=f"tab:{dataset}", columns=columns, sections=sections,
                  groups=[(f"{b} pairs", len(METRICS)) for b in budgets])
 
@@ -72,7 +86,8 @@ def reproduction_frame(results, reference, sigma: float, arch: str):
     """Reproduced vs reference (published or expected) per (dataset, budget, method, metric):
     Δ = reproduced − reference, flagged when |Δ| > sigma·σ with σ the reference std where given, else the
     reproduced std. `source` and `file` say where each reference number comes from."""
-    ours = results[results["arch"] == arch][["dataset", "budget", "method", "metric", "mean", "std"]]
+    ours = results[results["arch"] == arch][["dataset", "budget", "method", "metric", "mean", "std", "selection",
+                                             "eval_protocol"]]
     merged = ours.merge(reference[["dataset", "budget", "method", "metric", "value", "std", "source", "file"]],
                         on=["dataset", "budget", "method", "metric"], suffixes=("", "_reference"))
     merged = merged.rename(columns={"mean": "reproduced", "std": "reproduced_std", "value": "reference"})
@@ -101,7 +116,7 @@ def reproduction_table(frame, params: Params, dataset: str) -> Table:
                 f"report.expected ({params.report.expected})")
     caption = (f"Reproduction check on {dataset}, {compared}. Δ = reproduced − reference, flagged "
                f"when |Δ| > {params.report.sigma:g}σ (reference std where given, else reproduced); "
-               f"{provenance(params, 'reported')}.")
+               f"{provenance(params, rows)}.")
     return Table(caption=caption, label=f"tab:{dataset}-reproduction",
                  columns=["Method", "Pairs", "Metric", "Reproduced", "Reference", "Δ", "Flag"],
                  sections=[body] if body else [])
@@ -122,6 +137,6 @@ def cross_arch_table(results, params: Params, dataset: str) -> Table:
                            for a in archs])
     caption = (f"Cross-architecture retrieval on {dataset} (mean of IR@1/5/10 and TR@1/5/10): sets distilled "
                f"with {source} (first column), evaluated with other image+text encoders; "
-               f"{provenance(params, _selection(rows))}.")
+               f"{provenance(params, rows)}.")
     return Table(caption=caption, label=f"tab:{dataset}-cross", columns=["Method, pairs", *archs],
                  sections=[body] if body else [])
