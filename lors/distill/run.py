@@ -31,7 +31,7 @@ from lors.distill.synthetic import (LearnableSet, build_method_similarity, check
                                     noise_init, real_init)
 from lors.distill.trajectories import ExpertPool
 from lors.errors import ConfigError, LorsError
-from lors.io import atomic_path, sha256_json, write_json
+from lors.io import atomic_path, save_torch, sha256_json, write_json
 from lors.models import FunctionalDualEncoder, build_dual_encoder
 from lors.paths import Layout
 from lors.runtime import resolve_device, rng_state, seed_everything, set_rng_state
@@ -117,8 +117,7 @@ class CheckpointStore:
 
     def save(self, iteration: int, state: dict[str, Any]) -> Path:
         path = self.folder / f"state-{iteration:07d}.pt"
-        with atomic_path(path) as tmp:
-            torch.save({**state, "iteration": iteration, "fingerprint": self.fingerprint}, tmp)
+        save_torch(path, {**state, "iteration": iteration, "fingerprint": self.fingerprint})
         for old in self.paths():
             if old != path:
                 old.unlink()
