@@ -319,27 +319,27 @@ def test_truncated_text_features_are_one_line_and_embed_text_rewrites_them(tmp_p
     assert _cli("select", "-d", "embedded", "-b", "5", "-m", "random", "-p", params).exit_code == 0
 
 
-def test_feature_files_are_byte_identical_across_processes(tmp_path: Path) -> None:
-    """safetensors writes its metadata dict in per-process hash order; save_safetensors must not."""
-    script = textwrap.dedent("""
-        import sys, torch
-        from lors.io import save_safetensors
-        save_safetensors(sys.argv[1], {"features": torch.arange(6.0).reshape(2, 3)},
-                         {"encoder": "minilm", "pooling": "mean", "split": "train", "n": "2", "z": "1"})
-    """)
-    blobs = set()
-    for i in range(3):  # in hash order, 5 keys give 3 equal files with probability 1/120**2
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{i}.safetensors")], check=True, cwd=ROOT)
-        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
-    assert len(blobs) == 1
+def test_feature_files_are_byte_identical_across_writes_and_processes(tmp_path: Path) -> None:
+    """safetensors writes its metadata dict in hash order, which changes from one write (and process) to
+    the next; save_safetensors must not."""
+    import torch
     from safetensors import safe_open
+    from safetensors.torch import save
 
-    with safe_open(str(tmp_path / "0.safetensors"), "pt") as fh:
-        assert fh.metadata() == {"encoder": "minilm", "pooling": "mean", "split": "train", "n": "2", "z": "1"}
-        assert fh.get_tensor("features").tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
-    save_safetensors(tmp_path / "here.safetensors", {"features": __import__("torch").arange(6.0).reshape(2, 3)},
-                     {"z": "1", "n": "2", "split": "train", "pooling": "mean", "encoder": "minilm"})
-    assert (tmp_path / "here.safetensors").read_bytes() in blobs
+    features = torch.arange(6.0).reshape(2, 3)
+    metadata = {"encoder": "minilm", "pooling": "mean", "split": "train", "n": "2", "z": "1"}
+    assert len({save({"features": features}, metadata=metadata) for _ in range(10)}) > 1  # the defect is live
+    blobs = set()
+    for i in range(10):
+        save_safetensors(tmp_path / f"{i}.safetensors", {"features": features}, metadata)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    script = ("import sys, torch; from lors.io import save_safetensors; save_safetensors(sys.argv[1], "
+              f"{{'features': torch.arange(6.0).reshape(2, 3)}}, {metadata!r})")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "other.safetensors")], check=True, cwd=ROOT)
+    blobs.add((tmp_path / "other.safetensors").read_bytes())
+    assert len(blobs) == 1
+    with safe_open(str(tmp_path / "other.safetensors"), "pt") as fh:
+        assert fh.metadata() == metadata and torch.equal(fh.get_tensor("features"), features)
 
 
 # ---------------------------------------------------------------------------------- SIGTERM
