@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lors.io import atomic_path, sha256_file, sha256_json
+from lors.io import save_torch, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class CheckpointStore:
 
     def save(self, name: str, state: Any) -> Path:
         path = self.path(f"{name}.pt")
-        with atomic_path(path) as tmp:
-            torch.save({"fingerprint": self.fingerprint, "state": state}, tmp)
+        save_torch(path, {"fingerprint": self.fingerprint, "state": state})
         return path
 
     def load(self, name: str) -> Any | None:

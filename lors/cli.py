@@ -1,20 +1,25 @@
 """`lors-bench`: one subcommand per pipeline stage; dvc.yaml calls exactly these.
 
 Each command loads and validates params.yaml, then hands over to the library function of its
-stage. Bad input ends in one line on stderr and exit code 2.
+stage. Bad input and OS-level failures (no space, read-only or unwritable work_dir, a path under a
+file, a vanished input) end in one line on stderr, `error: <what>: <why> — <what to do>`, and exit
+code 2; `--debug` (or LORS_DEBUG=1) shows the traceback instead. SIGTERM unwinds the stage (temp
+files removed, its run record closed FAILED), prints one line and exits 143 (128 + 15, as a shell
+reports a process ended by SIGTERM); Ctrl-C does the same with exit code 130.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from lors.errors import LorsError
+from lors.errors import LorsError, Terminated, os_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 
@@ -24,20 +29,48 @@ BudgetOpt = Annotated[int, typer.Option("--budget", "-b", help="number of image-
 MethodOpt = Annotated[str, typer.Option("--method", "-m")]
 
 
+_options = {"debug": False}  # set by the callback on every invocation
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", envvar="LORS_DEBUG",
+                                             help="show the traceback of an error instead of one line")] = False) -> None:
+    """Options before the command apply to every stage."""
+    _options["debug"] = debug
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the unwinding short
+    raise Terminated
+
+
+def _failure(exc: BaseException) -> tuple[str, int]:
+    """The line a stopped stage prints, and its exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted; the stage resumes from its last checkpoint when run again", 130
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM); finished work is kept and the stage resumes when run again", 143
+    return f"error: {exc if isinstance(exc, LorsError) else os_error_line(exc)}", 2
+
+
 def _stage(fn: Callable) -> Callable:
-    """Run a stage with logging set up and bad input reported as one line."""
+    """Run a stage with logging set up, SIGTERM turned into an exception that unwinds it, and bad input
+    or an OS-level failure reported as one line (exit code 2)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
-        except LorsError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; the stage resumes from its last checkpoint when run again", err=True)
-            raise typer.Exit(130) from None
+        except (LorsError, OSError, KeyboardInterrupt, Terminated) as exc:
+            if _options["debug"]:
+                raise
+            line, code = _failure(exc)
+            typer.echo(line, err=True)
+            raise typer.Exit(code) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

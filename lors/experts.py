@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import safe_open, save_file
+from safetensors.torch import safe_open
 from tqdm import tqdm
 
 from lors.config import Params
@@ -32,7 +32,7 @@ from lors.data.image_store import gather_images
 from lors.data.transforms import normalize, to_unit
 from lors.checkpoints import CheckpointStore
 from lors.errors import ConfigError, DataError
-from lors.io import atomic_path
+from lors.io import atomic_path, save_safetensors
 from lors.losses import infonce
 from lors.models import DualEncoder, FlatParams, build_dual_encoder
 from lors.retrieval import test_retrieval
@@ -158,8 +158,7 @@ class ExpertJob:
 def _save_epoch(store: CheckpointStore, epoch: int, snapshot: tuple[torch.Tensor, torch.Tensor],
                 state: dict[str, Any]) -> None:
     """Each snapshot is written once (a file beside the state); the state is the one of the last epoch end."""
-    with atomic_path(store.path(f"snapshot_{epoch:03d}.safetensors")) as tmp:
-        save_file({"image": snapshot[0], "text": snapshot[1]}, str(tmp))
+    save_safetensors(store.path(f"snapshot_{epoch:03d}.safetensors"), {"image": snapshot[0], "text": snapshot[1]}, {})
     store.save("state", {"epoch": epoch, **state})
 
 
@@ -262,8 +261,7 @@ def _write_expert(path: Path, snapshots: list[tuple[torch.Tensor, torch.Tensor]]
             np.save(fh, value)
     tensors = {"image": torch.stack([s[0] for s in snapshots]).contiguous(),
                "text": torch.stack([s[1] for s in snapshots]).contiguous()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(meta, default=str)})
+    save_safetensors(path, tensors, {"meta": json.dumps(meta, default=str, sort_keys=True)})
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:

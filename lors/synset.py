@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 
-from lors.io import atomic_path
+from lors.io import save_safetensors
 
 FILENAME = "synset.safetensors"
 
@@ -45,8 +45,7 @@ class SyntheticSet:
                    "lr_img": torch.tensor(float(self.lr_img)), "lr_txt": torch.tensor(float(self.lr_txt))}
         tensors.update({f"extra.{k}": v for k, v in self.extra.items()})
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.meta, default=str)})
+        save_safetensors(path, tensors, {"meta": json.dumps(self.meta, default=str, sort_keys=True)})
 
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":

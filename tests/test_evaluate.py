@@ -425,6 +425,7 @@ def test_run_evaluation_end_to_end_on_the_embedded_dataset(tmp_path, monkeypatch
                                                "seed": 0}
     raw["evaluate"].update({"num_eval": 2, "default": {"epochs": 2, "eval_every": 2}, "whole_epochs": 1})
     raw["experts"] = {"batch_size": 5}
+    raw["grid"].update(distill_budgets=[4], select_budgets=[4])  # prepare refuses budgets over the 10 pairs
     params = Params.model_validate(raw)
     prepare_dataset(params, "embedded")
     embed_dataset(params, "embedded")

@@ -44,6 +44,8 @@ def tiny_flickr(shared_data: Path, tmp_path: Path) -> Path:
 
 def _params(tmp_path: Path, root: Path, **dataset) -> Params:
     raw = tiny_params_dict(tmp_path / "work")
+    raw["grid"].update(distill_budgets=[2], select_budgets=[2])  # the 6 train pairs must hold every budget
+    raw["experts"]["batch_size"] = 2
     raw["datasets"]["flickr"] = {"kind": "flickr30k", "root": str(root), "image_size": 16,
                                  "download_annotations": False, **dataset}
     return Params.model_validate(raw)
@@ -176,6 +178,7 @@ def test_prepare_embedded_and_missing_inputs(tmp_path: Path, tiny_params: Params
 def test_cli_prepare(tmp_path: Path) -> None:
     raw = tiny_params_dict(tmp_path / "work")
     raw["datasets"]["embedded"]["embedded"] = {"n_train": 10, "n_val": 10, "n_test": 10, "captions_per_image": 2}
+    raw["experts"]["batch_size"] = 20
     raw["datasets"]["flickr"] = {"kind": "flickr30k", "root": str(tmp_path / "absent")}
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))

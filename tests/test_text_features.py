@@ -82,6 +82,8 @@ def test_unknown_names_fail_with_one_line(tmp_path: Path, monkeypatch) -> None:
 def _params_file(tmp_path: Path, pooling: str = "mean") -> Path:
     raw = tiny_params_dict(tmp_path / "work")
     raw["datasets"]["embedded"]["embedded"] = {"n_train": 10, "n_val": 10, "n_test": 10, "captions_per_image": 1}
+    raw["grid"].update(distill_budgets=[5], select_budgets=[5])  # prepare refuses budgets over the 10 pairs
+    raw["experts"]["batch_size"] = 5
     raw["text_encoder"]["pooling"] = pooling
     path = tmp_path / f"params-{pooling}.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -66,6 +66,7 @@ def load_split(params: Params, dataset: str, split: str) -> Split:
 
 def load_text_features(params: Params, dataset: str, split: str) -> torch.Tensor:
     """Cached frozen-encoder features (n_captions, d) float32 of a split's captions."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     _check_split(split)
@@ -82,7 +83,17 @@ def load_text_features(params: Params, dataset: str, split: str) -> torch.Tensor
                         f"'{encoder.pooling}': {hint}")
     if split not in manifest.get("splits", {}):
         raise DataError(f"{path}: not recorded in {folder / 'manifest.json'} (interrupted run?): {hint}")
-    if manifest["splits"][split].get("captions_hash") != sha256_json(load_split(params, dataset, split).captions):
+    entry = manifest["splits"][split]
+    if entry.get("captions_hash") != sha256_json(load_split(params, dataset, split).captions):
         raise DataError(f"{path}: encodes other captions than the prepared {split} split (stale after a new "
                         f"prepare?): {hint}")
-    return load_file(str(path))["features"]
+    try:
+        features = load_file(str(path))["features"]
+    except (SafetensorError, KeyError) as exc:
+        reason = (str(exc).strip() or exc.__class__.__name__).splitlines()[0]
+        raise DataError(f"{path}: damaged feature file ({reason}): run `lors-bench embed-text --dataset {dataset}` "
+                        "again to rewrite it") from None
+    if tuple(features.shape) != (entry.get("n"), entry.get("dim")):
+        raise DataError(f"{path}: holds {tuple(features.shape)} features, its manifest records "
+                        f"({entry.get('n')}, {entry.get('dim')}): run `lors-bench embed-text --dataset {dataset}` again")
+    return features

@@ -2,11 +2,13 @@
 
 Images are resized with the reference's test transform (bicubic to S x S, no crop, aspect ratio not
 kept; method.md 7.3), so training loops read tensors instead of decoding JPEGs. The store is written
-under a temporary name and renamed when complete.
+under a temporary name and renamed when complete. Its disk space is reserved before the first image is
+written: a full disk is then one ENOSPC error naming the store, not a SIGBUS from a memory-mapped write.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lors.errors import DataError
+from lors.errors import DataError, producer_hint
 from lors.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,7 @@ def build_image_store(paths: Sequence[Path], out: Path, size: int, skip_bad: boo
     workers = workers or min(8, os.cpu_count() or 1)
     skipped: list[int] = []
     with atomic_path(out) as tmp:
-        store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+        store = _new_store(tmp, (len(paths), 3, size, size))
         kept = 0
         with ThreadPoolExecutor(workers) as pool, tqdm(total=len(paths), desc=desc, unit="img") as bar:
             for start in range(0, len(paths), _CHUNK):
@@ -82,24 +84,37 @@ def build_image_store(paths: Sequence[Path], out: Path, size: int, skip_bad: boo
 
 def _truncate_store(path: Path, n: int) -> None:
     """Keep the first `n` images of a store (the kept ones, written front to back)."""
-    full = np.load(path, mmap_mode="r")
-    short_path = path.with_name(path.name + ".short")
-    short = np.lib.format.open_memmap(short_path, mode="w+", dtype=np.uint8, shape=(n, *full.shape[1:]))
-    step = _CHUNK * 16
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        short[start:stop] = full[start:stop]
-    short.flush()
-    del short, full
-    os.replace(short_path, path)
+    with atomic_path(path) as short_path:
+        full = np.load(path, mmap_mode="r")
+        short = _new_store(short_path, (n, *full.shape[1:]))
+        step = _CHUNK * 16
+        for start in range(0, n, step):
+            short[start:start + step] = full[start:min(start + step, n)]
+        short.flush()
+        del short, full
+
+
+def _new_store(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A new uint8 `.npy` store of `shape`, memory-mapped for writing, with its disk blocks reserved."""
+    store = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    with open(path, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve: write as is
+                raise
+    return store
 
 
 def write_image_store(images: np.ndarray, out: Path) -> None:
     """Store images generated in memory (the embedded dataset) in the same format."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 (n, 3, S, S) images, got {images.dtype} {images.shape}")
-    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(images))
+    with atomic_path(out) as tmp:
+        store = _new_store(tmp, images.shape)
+        store[:] = images
+        store.flush()
+        del store
 
 
 def open_image_store(path: Path) -> np.ndarray:
@@ -107,9 +122,9 @@ def open_image_store(path: Path) -> np.ndarray:
     try:
         images = np.load(path, mmap_mode="r")
     except FileNotFoundError:
-        raise DataError(f"{path}: image store not found") from None
+        raise DataError(f"{path}: image store not found; {producer_hint(path)}") from None
     except ValueError as exc:
-        raise DataError(f"{path}: not a readable .npy image store ({exc})") from None
+        raise DataError(f"{path}: not a readable .npy image store ({exc}); {producer_hint(path)}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise DataError(f"{path}: expected uint8 (n, 3, S, S), found {images.dtype} {images.shape}")
     return images

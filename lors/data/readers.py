@@ -3,7 +3,8 @@
 Two formats are understood: the BLIP/LAVIS Karpathy json files (Flickr30k and COCO, method.md 7.1)
 and the official Flickr8k release. Readers only parse and validate annotations; images are decoded
 later, once, by the image store. A malformed annotation stops with one DataError line naming the
-file and the row.
+file and the row, and so does a degenerate one: an empty caption (also one that normalisation
+empties, such as "..."), or an image listed with no caption.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lors.data.captions import pre_caption
 from lors.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -68,6 +70,13 @@ def _field(path: Path, index: int, row: object, key: str, kinds: type | tuple[ty
     return value
 
 
+def _caption(where: str, text: str) -> str:
+    """`text`, refused with one line naming `where` when it is empty (or only punctuation)."""
+    if not pre_caption(text):
+        raise DataError(f"{where}: empty caption {text!r}; remove the row or write a caption")
+    return text
+
+
 def read_karpathy_train(ann_file: Path, root: Path) -> RawSplit:
     """Rows `{image, caption, image_id}`, one per caption; images numbered in first-seen order."""
     index: dict[str, int] = {}
@@ -75,7 +84,7 @@ def read_karpathy_train(ann_file: Path, root: Path) -> RawSplit:
     txt2img: list[int] = []
     for i, row in enumerate(_load_json_list(ann_file)):
         image = _field(ann_file, i, row, "image", str)
-        captions.append(_field(ann_file, i, row, "caption", str))
+        captions.append(_caption(f"{ann_file}: row {i}", _field(ann_file, i, row, "caption", str)))
         txt2img.append(index.setdefault(image, len(index)))
     return RawSplit(root, list(index), captions, np.asarray(txt2img, dtype=np.int64))
 
@@ -88,10 +97,12 @@ def read_karpathy_eval(ann_file: Path, root: Path) -> RawSplit:
     for i, row in enumerate(_load_json_list(ann_file)):
         names.append(_field(ann_file, i, row, "image", str))
         texts = _field(ann_file, i, row, "caption", list)
+        if not texts:
+            raise DataError(f"{ann_file}: row {i}: image '{names[-1]}' has no caption; remove the row or add captions")
         for text in texts:
             if not isinstance(text, str):
                 raise DataError(f"{ann_file}: row {i}: a caption has type {type(text).__name__}")
-            captions.append(text)
+            captions.append(_caption(f"{ann_file}: row {i}", text))
             txt2img.append(i)
     return RawSplit(root, names, captions, np.asarray(txt2img, dtype=np.int64))
 
@@ -115,7 +126,7 @@ def _read_flickr8k_tokens(path: Path) -> dict[str, list[str]]:
         name, hash_, k = key.rpartition("#")
         if not tab or not hash_ or not k.isdigit() or not name:
             raise DataError(f"{path}: line {number}: expected '<image>#<k><TAB><caption>'")
-        by_image.setdefault(name, []).append(caption)
+        by_image.setdefault(name, []).append(_caption(f"{path}: line {number}", caption))
     return by_image
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from lors.config import Params, TextEncoderConfig
 from lors.data import SPLITS, load_split
 from lors.errors import ConfigError
-from lors.io import atomic_path, read_json, sha256_file, sha256_json, write_json
+from lors.io import read_json, save_safetensors, sha256_file, sha256_json, write_json
 from lors.paths import Layout
 from lors.runtime import resolve_device
 from lors.tracking import stage_run
@@ -146,11 +146,11 @@ def encode_captions(captions: list[str], cfg: TextEncoderConfig, device: torch.d
 def embed_dataset(params: Params, dataset: str) -> Path:
     """Encode every split's captions into `Layout.text_features(dataset, name)/{split}.safetensors`.
 
-    A split is skipped when the manifest records the same encoder, pooling and captions hash; the
-    manifest is updated after each split, so an interrupted run resumes where it stopped.
+    A split is skipped when the manifest records the same encoder, pooling and captions hash and the
+    file still has the recorded sha256 (a truncated or edited file is encoded again); the manifest is
+    updated after each split, so an interrupted run resumes where it stopped. Identical features give
+    byte-identical files, so downstream stages see no change.
     """
-    from safetensors.torch import save_file
-
     cfg = params.text_encoder
     out = Layout(params.work_dir).text_features(dataset, cfg.name)
     manifest_path = out / "manifest.json"
@@ -164,7 +164,7 @@ def embed_dataset(params: Params, dataset: str) -> Path:
         captions_hash = sha256_json(captions)
         path = out / f"{split}.safetensors"
         entry = manifest["splits"].get(split, {})
-        if entry.get("captions_hash") == captions_hash and path.is_file():
+        if entry.get("captions_hash") == captions_hash and path.is_file() and sha256_file(path) == entry.get("sha256"):
             log.info("%s/%s: cached features in %s are valid", dataset, split, path)
             continue
         if encoder is None:
@@ -172,8 +172,7 @@ def embed_dataset(params: Params, dataset: str) -> Path:
         log.info("%s/%s: encoding %d captions with %s (%s pooling)", dataset, split, len(captions),
                  cfg.name, cfg.pooling)
         features = encode_captions(captions, cfg, encoder.device, encoder).contiguous()
-        with atomic_path(path) as tmp:
-            save_file({"features": features}, str(tmp), metadata={**identity, "split": split})
+        save_safetensors(path, {"features": features}, {**identity, "split": split})
         manifest["splits"][split] = {"captions_hash": captions_hash, "n": features.shape[0],
                                      "dim": features.shape[1], "sha256": sha256_file(path)}
         write_json(manifest_path, manifest)
