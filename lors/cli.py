@@ -94,18 +94,18 @@ def _params(path: Path):
 @_stage
 def prepare(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml")) -> None:
     """Decode images once into a uint8 store, normalise captions, write splits and a manifest."""
-    from lors.data.prepare import prepare_dataset
+    from lors.stages.prepare import run_prepare
 
-    prepare_dataset(_params(params), dataset)
+    run_prepare(_params(params), dataset)
 
 
 @app.command("embed-text")
 @_stage
 def embed_text(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml")) -> None:
     """Encode every caption with the frozen text encoder and cache the features."""
-    from lors.data.text_features import embed_dataset
+    from lors.stages.embed_text import run_embed_text
 
-    embed_dataset(_params(params), dataset)
+    run_embed_text(_params(params), dataset)
 
 
 @app.command()

@@ -126,7 +126,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 def test_prepare_writes_layout_and_rebuilds_only_on_change(tiny_flickr: Path, tmp_path: Path, caplog) -> None:
     params = _params(tmp_path, tiny_flickr)
-    out = prepare_dataset(params, "flickr")
+    out, _ = prepare_dataset(params, "flickr")
     assert out == params.work_dir / "flickr" / "prepared"
     manifest = read_json(out / "manifest.json")
     for name, entry in manifest["outputs"].items():

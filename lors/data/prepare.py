@@ -31,7 +31,6 @@ from lors.data.readers import (FLICKR8K_SPLIT_LISTS, FLICKR8K_TOKENS, SPLITS, Ra
 from lors.errors import DataError
 from lors.io import read_json, sha256_file, sha256_json, write_json
 from lors.paths import Layout
-from lors.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +65,9 @@ class SplitSource:
     n_pairs: int  # image-text pairs as annotated, before any bad image is skipped
 
 
-def prepare_dataset(params: Params, dataset: str) -> Path:
-    """Build (or confirm up to date) the prepared splits of `dataset`; return the output folder."""
+def prepare_dataset(params: Params, dataset: str) -> tuple[Path, bool]:
+    """Build (or confirm up to date) the prepared splits of `dataset`; return the output folder and
+    whether anything was built (its `manifest.json` then describes the new data)."""
     cfg = params.dataset(dataset)
     out = Layout(params.work_dir).prepared(dataset)
     sources = _embedded_sources(cfg, dataset) if cfg.kind == "embedded" else _file_sources(cfg, dataset)
@@ -80,7 +80,7 @@ def prepare_dataset(params: Params, dataset: str) -> Path:
         _check_pairs(src.origin, f"the {split} split", src.n_pairs, needs[split])
     if _up_to_date(out, input_hash):
         log.info("%s: prepared data in %s is up to date; nothing to do", dataset, out)
-        return out
+        return out, False
     (out / "manifest.json").unlink(missing_ok=True)  # the manifest marks finished data: gone until it is again
     summaries = {}
     for split, src in sources.items():
@@ -97,12 +97,7 @@ def prepare_dataset(params: Params, dataset: str) -> Path:
     })
     log.info("%s: prepared %s", dataset, ", ".join(f"{s} {v['n_images']} images/{v['n_captions']} captions"
                                                    for s, v in summaries.items()))
-    with stage_run(params, "prepare", f"prepare/{dataset}", {"dataset": dataset}) as tracker:
-        tracker.log_params({"dataset": dataset, **common, "input_hash": input_hash})
-        tracker.log_metrics({f"{split}_{key}": value for split, summary in summaries.items()
-                             for key, value in summary.items() if isinstance(value, (int, float))})
-        tracker.log_artifact(out / "manifest.json")
-    return out
+    return out, True
 
 
 def _pairs_needed(params: Params) -> dict[str, tuple[int, str]]:

@@ -24,7 +24,6 @@ from lors.errors import ConfigError
 from lors.io import read_json, save_safetensors, sha256_file, sha256_json, write_json
 from lors.paths import Layout
 from lors.runtime import resolve_device
-from lors.tracking import stage_run
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +142,9 @@ def encode_captions(captions: list[str], cfg: TextEncoderConfig, device: torch.d
     return features[torch.tensor([row[c] for c in captions])]
 
 
-def embed_dataset(params: Params, dataset: str) -> Path:
-    """Encode every split's captions into `Layout.text_features(dataset, name)/{split}.safetensors`.
+def embed_dataset(params: Params, dataset: str) -> tuple[Path, bool]:
+    """Encode every split's captions into `Layout.text_features(dataset, name)/{split}.safetensors`;
+    return the folder and whether anything was encoded.
 
     A split is skipped when the manifest records the same encoder, pooling and captions hash and the
     file still has the recorded sha256 (a truncated or edited file is encoded again); the manifest is
@@ -178,9 +178,5 @@ def embed_dataset(params: Params, dataset: str) -> Path:
         write_json(manifest_path, manifest)
     if encoder is None:
         log.info("%s: text features for %s are up to date; nothing to do", dataset, cfg.name)
-        return out
-    with stage_run(params, "embed_text", f"embed_text/{dataset}", {"dataset": dataset}) as tracker:
-        tracker.log_params({"dataset": dataset, **cfg.model_dump()})
-        tracker.log_metrics({f"{split}_captions": entry["n"] for split, entry in manifest["splits"].items()})
-        tracker.log_artifact(manifest_path)
-    return out
+        return out, False
+    return out, True
