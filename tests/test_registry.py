@@ -83,7 +83,7 @@ def test_a_registered_method_runs_through_distill_evaluate_and_report(toy, tmp_p
     embed_dataset(params, "embedded")
     out = run_distillation(params, "embedded", 20, "first_pairs")
     synset = SyntheticSet.load(out / "synset.safetensors")
-    assert len(synset) == 20 and synset.meta["method"] == "first_pairs" and synset.lr_img == 0.05
+    assert len(synset) == 20 and synset.meta["method"] == "first_pairs" and synset.lr_img == pytest.approx(0.05)
     assert read_json(out / "metrics.json") == {"rows": 20}
     result = read_json(run_evaluation(params, "embedded", 20, "first_pairs"))
     assert result["method"] == "first_pairs" and result["n_pairs"] == 20
