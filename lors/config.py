@@ -97,6 +97,7 @@ class DistillSetting(Strict):
     loss: Literal["wbce", "bce", "ence"] = "wbce"
     similarity: Literal["lowrank", "full"] = "lowrank"
     mtt_mini_batch: int | None = Field(None, ge=1)  # MTT-VL pairs per unrolled step; None = all (method.md 3.7)
+    batched_steps: bool = False  # TESLA pass 2 as one vmap over the K steps (lors.distill.matching)
 
 
 class DistillConfig(Strict):
@@ -125,6 +126,7 @@ class EvaluateConfig(Strict):
     amp: bool = True  # bf16 autocast for test encoding on GPU
     loss: Literal["wbce", "bce", "ence"] = "wbce"  # soft contrastive loss against the set's similarity
     whole_epochs: int = Field(10, ge=1)  # "whole dataset" upper bound: expert-recipe epochs on the train split
+    stacked: bool = False  # train the num_eval networks at once (lors.evaluation.stacked)
 
 
 class TrackingConfig(Strict):
