@@ -9,8 +9,9 @@ cost does not depend on the values):
    device (`lors.experts.train_contrastive_epoch`), in fp32, TF32 and bf16 autocast + channels_last;
    experts_img_per_s is the fastest. Reference: 1,137 img/s median (768 mean); goal >= 2,600.
 2. LoRS iteration at the Flickr-100 shape (99 pairs, mini-batch 20, 8 steps) and the Flickr-500 shape
-   (499 pairs, mini-batch 40), with pass 2 as the loop and batched over the steps (`batched_steps`);
-   median s/iteration and torch.cuda.max_memory_allocated. Reference: 2.73 s / 11.35 GiB and
+   (499 pairs, mini-batch 40), with pass 2 as the loop, batched over all steps (`batched_steps`) and
+   batched over half the steps at a time (less memory); median s/iteration and
+   torch.cuda.max_memory_allocated of each; the keys report the fastest. Reference: 2.73 s / 11.35 GiB and
    2.91 s / 19.9 GiB; goals <= 0.9 s / 6 GiB and <= 1.0 s / 10 GiB.
 3. one evaluation network (99 pairs, epochs 0..100, test retrieval every 10 on 1,000 images x 5
    captions), trained alone (`lors.evaluate.train_networks_on_set`) and as one of num_eval stacked
@@ -39,10 +40,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_distill import lors_iteration  # noqa: E402
 from bench_evaluate import random_inputs  # noqa: E402
 
 from lors.config import DistillSetting, EvaluateConfig, Params  # noqa: E402
-from lors.distill.matching import tesla_iteration, walk_batches  # noqa: E402
 from lors.distill.run import Distiller  # noqa: E402
 from lors.distill.synthetic import LearnableSet, build_method_similarity  # noqa: E402
 from lors.distill.trajectories import ExpertPool  # noqa: E402
@@ -106,9 +107,14 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def set_tf32(on: bool) -> None:
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
+def set_tf32(matmul: bool, cudnn: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = matmul
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def torch_default_tf32() -> None:
+    """torch's defaults, which the reference ran under: TF32 convolutions, fp32 matmuls."""
+    set_tf32(matmul=False, cudnn=True)
 
 
 # --- 1. expert training -------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ def set_tf32(on: bool) -> None:
 def measure_experts(mode: str, sizes: Sizes, device: torch.device, warmup: int = 2) -> dict:
     """Throughput of `train_contrastive_epoch` (augmentation included) with the data already on `device`."""
     tf32, amp, channels_last = EXPERT_MODES[mode]
-    set_tf32(tf32)
+    set_tf32(tf32, tf32)
     torch.backends.cudnn.benchmark = True
     batch, steps = sizes.expert_batch, sizes.expert_steps
     n = batch * max(steps, warmup)
@@ -139,7 +145,7 @@ def measure_experts(mode: str, sizes: Sizes, device: torch.device, warmup: int =
     start = time.perf_counter()
     epoch(batch * steps)
     elapsed = time.perf_counter() - start
-    set_tf32(False)
+    torch_default_tf32()
     return {"img_per_s": batch * steps / elapsed, "ms_per_step": 1000 * elapsed / steps, "peak_gib": peak_gib(device)}
 
 
@@ -165,17 +171,6 @@ def build_distiller(shape: dict, sizes: Sizes, device: torch.device, batched: bo
     return Distiller("lors", student, syn, pool, setting, "reference", torch.Generator().manual_seed(0))
 
 
-def lors_iteration(distiller: Distiller) -> None:
-    """Distiller.match + update, passing the setting's batched_steps to the TESLA iteration (until the
-    stage's Distiller.match passes it itself)."""
-    s = distiller.setting
-    _, _, segment = distiller.experts.sample(distiller.generator, s.max_start_epoch, s.expert_epochs)
-    batches = walk_batches(len(distiller.syn), s.mini_batch, s.syn_steps, distiller.generator)
-    tesla_iteration(distiller.student, distiller.syn, segment, [i.to(distiller.device) for i in batches], loss=s.loss,
-                    temperature=s.temperature, merge_branches=s.merge_branches, batched_steps=s.batched_steps)
-    distiller.update()
-
-
 def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -189,11 +184,16 @@ def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: in
     return times
 
 
-def measure_lors(shape: dict, sizes: Sizes, device: torch.device, batched: bool) -> dict:
+PASS2_OPTIONS = {"loop": (False, 0), "batched": (True, 0), "batched_half": (True, -2)}  # chunk -2: K/2 steps per vmap
+
+
+def measure_lors(shape: dict, sizes: Sizes, device: torch.device, option: str) -> dict:
+    batched, chunk = PASS2_OPTIONS[option]
+    chunk = shape["syn_steps"] // -chunk if chunk < 0 else chunk
     distiller = build_distiller(shape, sizes, device, batched)
-    lors_iteration(distiller)  # warm-up outside the peak window (cuDNN autotuning, first allocations)
+    lors_iteration(distiller, chunk)  # warm-up outside the peak window (cuDNN autotuning, first allocations)
     reset_peak(device)
-    times = timed(lambda: lors_iteration(distiller), device, sizes.lors_iters, warmup=1)
+    times = timed(lambda: lors_iteration(distiller, chunk), device, sizes.lors_iters, warmup=1)
     result = {"s_per_it": statistics.median(times), "peak_gib": peak_gib(device)}
     del distiller
     if device.type == "cuda":
@@ -239,44 +239,79 @@ def measure_eval(sizes: Sizes, device: torch.device) -> dict:
                            splits=splits, device=device, progress=False)
     synchronize(device)
     stacked_s = (time.perf_counter() - start) / sizes.num_eval
-    same_first = np.allclose(alone["loss"], curves[0]["loss"], rtol=1e-4, atol=1e-6)
+    # on CPU the first stacked network is the one trained alone; CUDA draws dropout masks another way
+    same_first = np.allclose(alone["loss"], curves[0]["loss"], rtol=1e-4, atol=1e-6) if device.type == "cpu" else None
     return {"sequential_s": sequential_s, "sequential_train_s": alone["train_s"], "sequential_eval_s": alone["eval_s"],
             "stacked_s_per_network": stacked_s, "stacked_train_s_per_network": curves[0]["train_s"],
             "stacked_eval_s_per_network": statistics.mean(c["eval_s"] for c in curves),
-            "num_eval": sizes.num_eval, "first_network_losses_match": bool(same_first),
+            "num_eval": sizes.num_eval, "first_network_losses_match": same_first,
             "test_passes": len(alone["epochs"])}
 
 
 # --- the run ---------------------------------------------------------------------------------------------
 
-def run_suite(sizes: Sizes, device: torch.device) -> dict:
+def guarded(measure: Callable[[], dict], device: torch.device) -> dict:
+    """One measurement; a CUDA out-of-memory is recorded as its result instead of ending the run."""
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return {"error": f"out of memory: {str(exc).splitlines()[0]}"}
+
+
+def run_suite(sizes: Sizes, device: torch.device, save: Callable[[dict], None]) -> dict:
+    """All measurements; `save(result)` after each, so a run cut short still leaves what it measured."""
     started = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result: dict = {"device": name, "torch": torch.__version__, "tiny": sizes is TINY,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     modes = sizes.expert_modes if device.type == "cuda" else ("fp32",)  # amp is CUDA-only in the expert loop
-    experts = {mode: measure_experts(mode, sizes, device) for mode in modes}
-    best = max(experts, key=lambda m: experts[m]["img_per_s"])
-    result.update(experts_img_per_s=experts[best]["img_per_s"], experts_mode=best, experts_modes=experts)
+    experts = {mode: guarded(lambda mode=mode: measure_experts(mode, sizes, device), device) for mode in modes}
+    done = [m for m in experts if "error" not in experts[m]]
+    best = max(done, key=lambda m: experts[m]["img_per_s"]) if done else None
+    result.update(experts_img_per_s=experts[best]["img_per_s"] if best else None, experts_mode=best,
+                  experts_modes=experts)
+    save(result)
     for shape_name, shape in sizes.lors.items():
-        options = {"loop": measure_lors(shape, sizes, device, batched=False),
-                   "batched": measure_lors(shape, sizes, device, batched=True)}
-        fastest = min(options, key=lambda o: options[o]["s_per_it"])
-        result[f"lors_{shape_name}_s_per_it"] = options[fastest]["s_per_it"]
-        result[f"lors_{shape_name}_peak_gib"] = options[fastest]["peak_gib"]
+        options = {option: guarded(lambda option=option: measure_lors(shape, sizes, device, option), device)
+                   for option in PASS2_OPTIONS}
+        done = [o for o in options if "error" not in options[o]]
+        fastest = min(done, key=lambda o: options[o]["s_per_it"]) if done else None
+        result[f"lors_{shape_name}_s_per_it"] = options[fastest]["s_per_it"] if fastest else None
+        result[f"lors_{shape_name}_peak_gib"] = options[fastest]["peak_gib"] if fastest else None
         result[f"lors_{shape_name}_pass2"] = fastest
         result[f"lors_{shape_name}_options"] = options
-        result[f"lors_{shape_name}_batched_speedup"] = options["loop"]["s_per_it"] / options["batched"]["s_per_it"]
-    evaluation = measure_eval(sizes, device)
-    result.update(eval_network_s=evaluation["sequential_s"], eval_network_stacked_s=evaluation["stacked_s_per_network"],
-                  eval_stacked_speedup=evaluation["sequential_s"] / evaluation["stacked_s_per_network"],
-                  eval_details=evaluation)
+        result[f"lors_{shape_name}_batched_speedup"] = (options["loop"]["s_per_it"] / options["batched"]["s_per_it"]
+                                                        if {"loop", "batched"} <= set(done) else None)
+        save(result)
+    evaluation = guarded(lambda: measure_eval(sizes, device), device)
+    if "error" not in evaluation:
+        result.update(eval_network_s=evaluation["sequential_s"],
+                      eval_network_stacked_s=evaluation["stacked_s_per_network"],
+                      eval_stacked_speedup=evaluation["sequential_s"] / evaluation["stacked_s_per_network"])
+    else:
+        result.update(eval_network_s=None, eval_network_stacked_s=None, eval_stacked_speedup=None)
+    result["eval_details"] = evaluation
     result["suite_s"] = time.perf_counter() - started
+    save(result)
     return result
 
 
 def fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.3f}" if value < 100 else f"{value:,.0f}"
+
+
+def ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def errors(result: dict, path: str = "") -> list[str]:
+    """Where a measurement failed (out of memory), as dotted paths into the result."""
+    found = [path] if "error" in result else []
+    for key, value in result.items():
+        if isinstance(value, dict):
+            found += errors(value, f"{path}.{key}" if path else key)
+    return found
 
 
 def markdown(result: dict) -> str:
@@ -292,13 +327,15 @@ def markdown(result: dict) -> str:
     lines = [f"# Speed suite, {result['device']}, torch {result['torch']}, {result['date']}", "", note, "",
              "| measurement | ours | reference (H100) | goal |", "| --- | --- | --- | --- |"]
     for label, key in rows:
-        goal = GOALS.get(key, "")
-        lines.append(f"| {label} | {fmt(result.get(key))} | {fmt(REFERENCE.get(key))} | {goal} |")
+        lines.append(f"| {label} | {fmt(result.get(key))} | {fmt(REFERENCE.get(key))} | {GOALS.get(key, '')} |")
+    details = result.get("eval_details", {})
     lines += ["", f"Experts: fastest mode {result['experts_mode']}. Pass 2 chosen: Flickr-100 "
-              f"{result['lors_flickr100_pass2']}, Flickr-500 {result['lors_flickr500_pass2']} (loop / batched speed-up "
-              f"{result['lors_flickr100_batched_speedup']:.2f}x, {result['lors_flickr500_batched_speedup']:.2f}x). "
-              f"Evaluation: stacked {result['eval_details']['num_eval']} networks, "
-              f"{result['eval_stacked_speedup']:.2f}x per network. Suite wall time {result['suite_s']:.0f} s.", ""]
+              f"{result['lors_flickr100_pass2']}, Flickr-500 {result['lors_flickr500_pass2']} (batched over loop: "
+              f"{ratio(result['lors_flickr100_batched_speedup'])}, {ratio(result['lors_flickr500_batched_speedup'])}). "
+              f"Evaluation: {details.get('num_eval', 'n/a')} networks stacked, "
+              f"{ratio(result['eval_stacked_speedup'])} per network. Errors: "
+              f"{', '.join(errors(result)) or 'none'}. "
+              f"Suite wall time {result['suite_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 
@@ -317,13 +354,16 @@ def main() -> None:
         device, sizes = torch.device("cuda"), PAPER
     else:
         raise SystemExit("gpu_suite: no CUDA device; run with --tiny for the CPU check")
-    result = run_suite(sizes, device)
-    stem = f"{'cpu-tiny' if args.tiny else 'gpu'}-{datetime.date.today().isoformat()}"
+    stem = args.out / f"{'cpu-tiny' if args.tiny else 'gpu'}-{datetime.date.today().isoformat()}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
+
+    def save(result: dict) -> None:
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+
+    result = run_suite(sizes, device, save)
+    stem.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
-    print(f"wrote {args.out / stem}.json and .md")
+    print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":

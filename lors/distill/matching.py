@@ -96,9 +96,22 @@ def loop_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas
 
 def batched_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas_img: torch.Tensor,
                           thetas_txt: torch.Tensor, batches: list[torch.Tensor], coef_img: torch.Tensor,
-                          coef_txt: torch.Tensor, loss: str, temperature: float, data: list[torch.Tensor]) -> None:
-    """Pass 2 as one vmap over the K steps: sum_k c . G_k(theta_k, batch_k), then one backward into
-    `data`. The mini-batches must all have the same size (walk_batches' are)."""
+                          coef_txt: torch.Tensor, loss: str, temperature: float, data: list[torch.Tensor],
+                          chunk: int = 0) -> None:
+    """Pass 2 as vmaps over the K steps: sum_k c . G_k(theta_k, batch_k), one backward into `data` per
+    `chunk` steps (0: all K at once; fewer steps per vmap keep fewer graphs alive). The mini-batches
+    must all have the same size (walk_batches' are)."""
+    chunk = chunk or len(batches)
+    for first in range(0, len(batches), chunk):
+        steps = slice(first, first + chunk)
+        _vmapped_steps(student, syn, thetas_img[steps], thetas_txt[steps], batches[steps], coef_img, coef_txt, loss,
+                       temperature).backward(inputs=data)
+
+
+def _vmapped_steps(student: FunctionalDualEncoder, syn: LearnableSet, thetas_img: torch.Tensor,
+                   thetas_txt: torch.Tensor, batches: list[torch.Tensor], coef_img: torch.Tensor,
+                   coef_txt: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
+    """sum over the given steps of c . G_k, one vmap over them, with a graph back to the data."""
     idx = torch.stack(batches)
     targets = torch.stack([syn.similarity.matrix(i) for i in batches])
 
@@ -110,13 +123,14 @@ def batched_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, the
 
     per_step = vmap(directional, randomness="different")(thetas_img, thetas_txt, syn.images[idx], syn.texts[idx],
                                                          targets)
-    per_step.sum().backward(inputs=data)
+    return per_step.sum()
 
 
 def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: Segment,
                     batches: list[torch.Tensor], *, loss: str, temperature: float,
-                    merge_branches: bool, batched_steps: bool = False) -> MatchResult:
-    """Set `.grad` of every parameter of `syn` for one match of `segment`; return the losses."""
+                    merge_branches: bool, batched_steps: bool = False, step_chunk: int = 0) -> MatchResult:
+    """Set `.grad` of every parameter of `syn` for one match of `segment`; return the losses.
+    `batched_steps`: pass 2 vmapped over the steps, `step_chunk` steps per vmap (0: all)."""
     a_img, a_txt = syn.lr_img.item(), syn.lr_txt.item()
     images, texts = syn.images.detach(), syn.texts.detach()
 
@@ -156,7 +170,8 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
         warnings.warn("batched_steps: this student cannot be vmapped (buffers or norm layers); pass 2 uses the loop",
                       stacklevel=2)
     if twin is not None:
-        batched_data_gradient(twin, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data)
+        batched_data_gradient(twin, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data,
+                              step_chunk)
     else:
         loop_data_gradient(student, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data)
     del thetas_img, thetas_txt
