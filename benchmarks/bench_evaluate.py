@@ -2,26 +2,31 @@
 
     .venv/bin/python benchmarks/bench_evaluate.py                 # full protocol: epochs 0..100, test every 10
     .venv/bin/python benchmarks/bench_evaluate.py --epochs 10 --threads 1
+    .venv/bin/python benchmarks/bench_evaluate.py --compare-stacked 5 --epochs 10 --threads 1   # vs stacked
     .venv/bin/pytest benchmarks/bench_evaluate.py --benchmark-enable
 
 Embedded-default size = timm `test_nfnet` at 32 px (random init), 100 synthetic pairs with 384-d texts
 (MiniLM width) and a learned-looking similarity, 500 test images x 2,500 captions. The data are
 random: the cost of the protocol does not depend on what the pixels show. The network is trained by
-`lors.evaluate.train_networks_on_set`, the code path every evaluation runs.
+`lors.evaluation.protocol.train_networks_on_set`, the code path every evaluation runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import pytest
 import torch
 
 from lors.config import Params
-from lors.evaluate import train_networks_on_set
+from lors.evaluation.protocol import train_networks_on_set
 from lors.evaluation import parse_arch
+from lors.evaluation.stacked import seeded_members, train_stacked
 from lors.evaluation.train import RetrievalSplit
+from lors.models import build_dual_encoder
+from lors.runtime import member_seed
 from lors.synset import SyntheticSet
 
 
@@ -31,7 +36,7 @@ def bench_params(epochs: int, eval_every: int) -> Params:
         "datasets": {"embedded": {"kind": "embedded", "image_size": 32}},
         "text_encoder": {"name": "minilm", "pooling": "mean"},
         "model": {"image_encoder": "test_nfnet", "pretrained": False},
-        "evaluate": {"num_eval": 1, "epochs": epochs, "eval_every": eval_every},
+        "evaluate": {"num_eval": 1, "default": {"epochs": epochs, "eval_every": eval_every}},
         "tracking": {"enabled": False}})
 
 
@@ -54,9 +59,33 @@ def time_one_network(epochs: int = 100, eval_every: int = 10) -> dict:
     synset, test = random_inputs()
     start = time.perf_counter()
     (net,) = train_networks_on_set(params, parse_arch(None, params), synset, synset.texts, {"test": test},
-                                   progress=False)
+                                   params.evaluate.default, progress=False)
     return {"wall_s": time.perf_counter() - start, "train_s": net["train_s"], "eval_s": net["eval_s"],
             "evaluations": len(net["epochs"]), "epochs": epochs + 1}
+
+
+def time_sequential_and_stacked(networks: int, epochs: int, eval_every: int) -> dict[str, float]:
+    """Wall time of `networks` networks trained one after another (the stage's path) and stacked."""
+    params = bench_params(epochs, eval_every)
+    arch = parse_arch(None, params)
+    synset, test = random_inputs()
+    start = time.perf_counter()
+    train_networks_on_set(params, arch, synset, synset.texts, {"test": test}, params.evaluate.default,
+                          num_eval=networks, progress=False)
+    sequential = time.perf_counter() - start
+
+    def build():
+        return build_dual_encoder(arch.image_encoder, synset.texts.shape[1], False, params.model.temperature,
+                                  params.model.text_head_dropout)
+
+    start = time.perf_counter()
+    members = seeded_members(build, [member_seed(params.seed, k) for k in range(networks)])
+    curves = train_stacked(members, synset.images, synset.texts, synset.similarity, lr_img=synset.lr_img,
+                           lr_txt=synset.lr_txt, settings=params.evaluate.default, amp=params.evaluate.amp,
+                           splits={"test": test},
+                           device=torch.device("cpu"), progress=False)
+    return {"sequential_s": sequential, "stacked_s": time.perf_counter() - start,
+            "stacked_train_s": curves[0]["train_s"] * networks, "stacked_eval_s": sum(c["eval_s"] for c in curves)}
 
 
 @pytest.mark.benchmark(group="evaluate")
@@ -70,9 +99,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--compare-stacked", type=int, default=0, metavar="N",
+                        help="time N networks trained one after another and stacked (3 runs each, medians)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compare_stacked:
+        runs = [time_sequential_and_stacked(args.compare_stacked, args.epochs, args.eval_every) for _ in range(3)]
+        median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.compare_stacked} networks, "
+              f"epochs 0..{args.epochs}, test every {args.eval_every}; medians of 3 runs: sequential "
+              f"{median['sequential_s']:.1f} s, stacked {median['stacked_s']:.1f} s (training "
+              f"{median['stacked_train_s']:.1f} s + retrieval {median['stacked_eval_s']:.1f} s) -> "
+              f"{median['sequential_s'] / median['stacked_s']:.2f}x")
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; test_nfnet 32 px, 100 pairs, "
           f"500 test images / 2,500 captions")
     time_one_network(epochs=1, eval_every=1)  # warm-up: first-call allocations and kernel selection

@@ -134,6 +134,7 @@ class EvaluateConfig(Strict):
     text_transfer: Literal["reference", "nearest_caption"] = "reference"
     amp: bool = True  # bf16 autocast for test encoding on GPU
     whole_epochs: int = Field(10, ge=1)  # "whole dataset" upper bound: expert-recipe epochs on the train split
+    stacked: bool = False  # train the num_eval networks at once (lors.evaluation.stacked)
     default: EvalSettings = EvalSettings()
     # per-method overrides of `default`, key by key, applied under `protocol: reference` only (the authors
     # evaluated MTT-VL with VL-Distill's protocol: {protocol: vl_distill, epochs: 50, batch_size: 64});

@@ -10,14 +10,12 @@ import logging
 import pytest
 import torch
 
-from types import SimpleNamespace
-
 from distill_toys import expert_trajectory, paired_data, tiny_student
 from lors.checkpoints import CheckpointStore
 from lors.distill.engine import TrajectoryRun, build_optimizer, distill_loop
 from lors.distill.lors import LorsSettings, n_pairs
 from lors.distill.matching import MatchResult, tesla_iteration, walk_batches
-from lors.distill.mtt_vl import MttSettings
+from lors.distill.mtt_vl import MttSettings, mtt_match
 from lors.distill.registry import get_method
 from lors.distill.synthetic import LearnableSet, noise_init, real_init
 from lors.distill.tesla_vl import tesla_match
@@ -54,15 +52,10 @@ def make_run(world, method: str, n: int = 8, seed: int = 0, **overrides):
     pool = ExpertPool(experts, settings.max_start_epoch + settings.expert_epochs, numels, torch.device("cpu"))
     run = TrajectoryRun(syn, pool, settings, build_optimizer(syn, settings, getattr(settings, "lr_sim", None)),
                         generator)
-    ctx = SimpleNamespace(settings=settings, device=torch.device("cpu"), params=SimpleNamespace(protocol="reference"))
     if method == "mtt_vl":
-        from lors.distill.mtt import mtt_iteration, random_subsets
-
-        def match(segment):
-            subsets = random_subsets(n, settings.mini_batch, settings.syn_steps, generator)
-            return mtt_iteration(student, syn, segment, subsets, temperature=0.5)
+        match = mtt_match(settings, "clean", student, syn, generator)
     else:
-        match = tesla_match(ctx, student, syn, generator)
+        match = tesla_match(settings, student, syn, generator)
     return run, match
 
 

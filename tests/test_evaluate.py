@@ -21,7 +21,7 @@ from lors.data.transforms import normalize
 from lors.errors import ConfigError, DataError
 from lors.checkpoints import CheckpointStore
 from lors.config import EvalSettings
-from lors.evaluation.protocol import evaluate_synset, evaluate_whole, train_networks_on_set
+from lors.evaluation.protocol import evaluate_synset, evaluate_whole
 from lors.evaluation import parse_arch, select_epochs, summarise
 from lors.evaluation import train as train_module
 from lors.evaluation.texts import training_texts

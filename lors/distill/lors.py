@@ -30,7 +30,7 @@ def run_lors(ctx: MethodContext) -> MethodResult:
     s = ctx.settings
     return run_trajectory_method(ctx, n_pairs(ctx.budget, ctx.params.protocol),
                                  lambda n: build_similarity(s.similarity, n, s.rank, s.alpha),
-                                 partial(tesla_match, ctx), lr_sim=s.lr_sim)
+                                 partial(tesla_match, s), lr_sim=s.lr_sim)
 
 
 LORS = register(DistillMethod("lors", LorsSettings, run_lors))

@@ -12,15 +12,22 @@ were built from detached gradients: TESLA's truncation), so dL/d(data) flows onl
 G_k, and dL/dG_k = 2 (a delta + a^2 Sigma) / D = c. For every k the step's loss is recomputed at
 the stored theta_k on the same mini-batch and S~ block, G_k is formed with a graph, and c . G_k is
 back-propagated into images, texts and the similarity parameters. Only one step's graph is alive
-at a time. With `merge_branches` (COCO) the data gradient uses (N^I + N^T) / (D^I + D^T), while
+at a time. With `batched_steps` the K recomputations run as one `torch.func.vmap` over the stored
+theta_k instead (fewer, larger kernels; all K graphs alive at once, so more memory); the gradients
+equal the loop's up to rounding (tests/test_speedups.py). Text-head dropout then draws its masks
+through vmap (randomness="different"), i.e. other masks than the loop would, from the same
+distribution. A student vmap cannot handle (BatchNorm buffers, norm layers other than nn.LayerNorm)
+falls back to the loop. With `merge_branches` (COCO) the data gradient uses (N^I + N^T) / (D^I + D^T), while
 the lr gradients keep the separate L^I, L^T (quirk 8.6).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.func import grad, vmap
 
 from lors.distill.synthetic import LearnableSet
 from lors.distill.trajectories import Segment
@@ -75,19 +82,65 @@ def lr_gradients(syn: LearnableSet, sum_img: torch.Tensor, sum_txt: torch.Tensor
     return loss_img.detach(), loss_txt.detach()
 
 
+def loop_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas_img: torch.Tensor,
+                       thetas_txt: torch.Tensor, batches: list[torch.Tensor], coef_img: torch.Tensor,
+                       coef_txt: torch.Tensor, loss: str, temperature: float, data: list[torch.Tensor]) -> None:
+    """Pass 2, one step at a time: recompute G_k with a graph and backprop c . G_k into `data`."""
+    for theta_img, theta_txt, idx in zip(thetas_img, thetas_txt, batches):
+        t_img, t_txt = theta_img.detach().requires_grad_(True), theta_txt.detach().requires_grad_(True)
+        inner = step_loss(student, t_img, t_txt, syn.images[idx], syn.texts[idx], syn.similarity.matrix(idx),
+                          loss, temperature)
+        g_img, g_txt = torch.autograd.grad(inner, (t_img, t_txt), create_graph=True)
+        ((coef_img * g_img).sum() + (coef_txt * g_txt).sum()).backward(inputs=data)
+
+
+def batched_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas_img: torch.Tensor,
+                          thetas_txt: torch.Tensor, batches: list[torch.Tensor], coef_img: torch.Tensor,
+                          coef_txt: torch.Tensor, loss: str, temperature: float, data: list[torch.Tensor],
+                          chunk: int = 0) -> None:
+    """Pass 2 as vmaps over the K steps: sum_k c . G_k(theta_k, batch_k), one backward into `data` per
+    `chunk` steps (0: all K at once; fewer steps per vmap keep fewer graphs alive). The mini-batches
+    must all have the same size (walk_batches' are)."""
+    chunk = chunk or len(batches)
+    for first in range(0, len(batches), chunk):
+        steps = slice(first, first + chunk)
+        _vmapped_steps(student, syn, thetas_img[steps], thetas_txt[steps], batches[steps], coef_img, coef_txt, loss,
+                       temperature).backward(inputs=data)
+
+
+def _vmapped_steps(student: FunctionalDualEncoder, syn: LearnableSet, thetas_img: torch.Tensor,
+                   thetas_txt: torch.Tensor, batches: list[torch.Tensor], coef_img: torch.Tensor,
+                   coef_txt: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
+    """sum over the given steps of c . G_k, one vmap over them, with a graph back to the data."""
+    idx = torch.stack(batches)
+    targets = torch.stack([syn.similarity.matrix(i) for i in batches])
+
+    def directional(t_img: torch.Tensor, t_txt: torch.Tensor, images: torch.Tensor, texts: torch.Tensor,
+                    target: torch.Tensor) -> torch.Tensor:
+        g_img, g_txt = grad(step_loss, argnums=(1, 2))(student, t_img, t_txt, images, texts, target, loss,
+                                                       temperature)
+        return (coef_img * g_img).sum() + (coef_txt * g_txt).sum()
+
+    per_step = vmap(directional, randomness="different")(thetas_img, thetas_txt, syn.images[idx], syn.texts[idx],
+                                                         targets)
+    return per_step.sum()
+
+
 def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: Segment,
                     batches: list[torch.Tensor], *, loss: str, temperature: float,
-                    merge_branches: bool) -> MatchResult:
-    """Set `.grad` of every parameter of `syn` for one match of `segment`; return the losses."""
+                    merge_branches: bool, batched_steps: bool = False, step_chunk: int = 0) -> MatchResult:
+    """Set `.grad` of every parameter of `syn` for one match of `segment`; return the losses.
+    `batched_steps`: pass 2 vmapped over the steps, `step_chunk` steps per vmap (0: all)."""
     a_img, a_txt = syn.lr_img.item(), syn.lr_txt.item()
     images, texts = syn.images.detach(), syn.texts.detach()
 
-    # pass 1: first-order unroll, keeping theta_k and the gradient sums
-    thetas: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # pass 1: first-order unroll, keeping theta_k (rows of one tensor per branch) and the gradient sums
     theta_img, theta_txt = segment.start_img, segment.start_txt
+    thetas_img = theta_img.new_empty((len(batches), theta_img.numel()))
+    thetas_txt = theta_txt.new_empty((len(batches), theta_txt.numel()))
     sum_img, sum_txt = torch.zeros_like(theta_img), torch.zeros_like(theta_txt)
-    for idx in batches:
-        thetas.append((theta_img, theta_txt))
+    for k, idx in enumerate(batches):
+        thetas_img[k], thetas_txt[k] = theta_img, theta_txt
         t_img, t_txt = theta_img.detach().requires_grad_(True), theta_txt.detach().requires_grad_(True)
         with torch.no_grad():
             target = syn.similarity.matrix(idx)
@@ -112,13 +165,16 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
     # pass 2: recompute each G_k with a graph on the same batch and S~ block; backprop c . G_k
     syn.zero_grad(set_to_none=False)
     data = [syn.images, syn.texts, *syn.similarity.parameters()]
-    for (theta_img, theta_txt), idx in zip(thetas, batches):
-        t_img, t_txt = theta_img.detach().requires_grad_(True), theta_txt.detach().requires_grad_(True)
-        inner = step_loss(student, t_img, t_txt, syn.images[idx], syn.texts[idx], syn.similarity.matrix(idx),
-                          loss, temperature)
-        g_img, g_txt = torch.autograd.grad(inner, (t_img, t_txt), create_graph=True)
-        ((coef_img * g_img).sum() + (coef_txt * g_txt).sum()).backward(inputs=data)
-    del thetas
+    twin = student.vmappable() if batched_steps else None
+    if batched_steps and twin is None:
+        warnings.warn("batched_steps: this student cannot be vmapped (buffers or norm layers); pass 2 uses the loop",
+                      stacklevel=2)
+    if twin is not None:
+        batched_data_gradient(twin, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data,
+                              step_chunk)
+    else:
+        loop_data_gradient(student, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data)
+    del thetas_img, thetas_txt
 
     loss_img, loss_txt = lr_gradients(syn, sum_img, sum_txt, delta_img, delta_txt, dist_img, dist_txt)
     total = matching if matching is not None else loss_img + loss_txt

@@ -9,10 +9,12 @@ Defaults are VL-Distill's README command (`--syn_steps 8 --expert_epochs 1 --max
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from pydantic import Field
 
-from lors.distill.engine import TrajectorySettings, run_trajectory_method
+from lors.distill.engine import Match, TrajectorySettings, run_trajectory_method
 from lors.distill.mtt import mtt_iteration, mtt_temperature, random_subsets
 from lors.distill.registry import DistillMethod, MethodContext, MethodResult, register
 from lors.distill.synthetic import LearnableSet
@@ -25,18 +27,22 @@ class MttSettings(TrajectorySettings):
     mini_batch: int | None = Field(None, ge=1)  # pairs per unrolled step, a fresh subset each; None = all
 
 
+def mtt_match(s: MttSettings, protocol: str, student: FunctionalDualEncoder, syn: LearnableSet,
+              generator: torch.Generator) -> Match:
+    """A segment -> gradients of `syn` by the full unroll on a fresh random subset per step."""
+    temperature = mtt_temperature(s.temperature, protocol)
+    device = syn.images.device
+
+    def match(segment):
+        subsets = random_subsets(len(syn), s.mini_batch, s.syn_steps, generator)
+        return mtt_iteration(student, syn, segment, [i.to(device) for i in subsets], temperature=temperature)
+
+    return match
+
+
 def run_mtt_vl(ctx: MethodContext) -> MethodResult:
-    s = ctx.settings
-    temperature = mtt_temperature(s.temperature, ctx.params.protocol)
-
-    def make_match(student: FunctionalDualEncoder, syn: LearnableSet, generator: torch.Generator):
-        def match(segment):
-            subsets = random_subsets(len(syn), s.mini_batch, s.syn_steps, generator)
-            return mtt_iteration(student, syn, segment, [i.to(ctx.device) for i in subsets], temperature=temperature)
-
-        return match
-
-    return run_trajectory_method(ctx, ctx.budget, IdentitySimilarity, make_match)
+    return run_trajectory_method(ctx, ctx.budget, IdentitySimilarity,
+                                 partial(mtt_match, ctx.settings, ctx.params.protocol))
 
 
 MTT_VL = register(DistillMethod("mtt_vl", MttSettings, run_mtt_vl))

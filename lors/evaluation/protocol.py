@@ -23,6 +23,7 @@ from lors.config import EvalSettings, Params
 from lors.errors import ConfigError, DataError
 from lors.evaluation.arch import EvalArch, parse_arch
 from lors.evaluation.selection import select_epochs, summarise
+from lors.evaluation.stacked import seeded_members, train_stacked
 from lors.evaluation.texts import split_features, training_texts
 from lors.evaluation.train import (RetrievalSplit, eval_epochs, partition_epoch, run_network, synset_epoch,
                                    synset_optimizer)
@@ -54,21 +55,24 @@ def _build_model(params: Params, arch: EvalArch, text_dim: int, device: torch.de
                               params.model.text_head_dropout).to(device)
 
 
-def _evaluate_networks(params: Params, train_one: Callable[[torch.Generator], dict], num_eval: int, progress: bool,
-                       desc: str, checkpoints: CheckpointStore | None, on_network: NetworkHook | None) -> list[dict]:
-    """Run `num_eval` seeded networks (skipping those already in `checkpoints`) and choose their epochs."""
+def _evaluate_networks(params: Params, train_one: Callable[[int, torch.Generator], dict], num_eval: int,
+                       progress: bool, desc: str, checkpoints: CheckpointStore | None,
+                       on_network: NetworkHook | None) -> list[dict]:
+    """Run `num_eval` seeded networks (skipping those already in `checkpoints`) and choose their epochs.
+    `train_one(k, generator)` trains network k right after seeding everything with its member seed."""
     networks = []
     for k in tqdm(range(num_eval), desc=desc, disable=not progress):
         record = checkpoints.load(f"net{k}") if checkpoints else None
         if record is None:
             seed = member_seed(params.seed, k)
             start = time.perf_counter()
-            curve = train_one(seed_everything(seed))
+            curve = train_one(k, seed_everything(seed))
             if not all(math.isfinite(loss) for loss in curve["loss"]):
                 log.warning("%s net %d: training loss became non-finite; its retrieval counts as misses", desc, k)
             chosen = select_epochs(curve["epochs"], curve["test"], curve.get("val"))
             final = {sel: curve["test"][curve["epochs"].index(epoch)] for sel, epoch in chosen.items()}
-            record = {"seed": seed, **curve, "chosen": chosen, "final": final, "wall_s": time.perf_counter() - start}
+            wall = curve.pop("wall_s", time.perf_counter() - start)  # stacked networks bring their share
+            record = {"seed": seed, **curve, "chosen": chosen, "final": final, "wall_s": wall}
             if checkpoints:
                 checkpoints.save(f"net{k}", record)
         log.info("%s net %d (seed %d): best r_mean %.2f at epoch %d, last %.2f, %.1f s", desc, k, record["seed"],
@@ -153,7 +157,19 @@ def train_networks_on_set(params: Params, arch: EvalArch, synset: SyntheticSet, 
     vl_distill = s.protocol == "vl_distill"
     eval_at = [s.epochs] if vl_distill else eval_epochs(0, s.epochs, s.eval_every)
 
-    def train_one(generator: torch.Generator) -> dict:
+    num_eval = num_eval or params.evaluate.num_eval
+    if params.evaluate.stacked and not vl_distill:
+        missing = [k for k in range(num_eval) if not (checkpoints and checkpoints.load(f"net{k}") is not None)]
+        members = seeded_members(lambda: _build_model(params, arch, train_texts.shape[1], device),
+                                 [member_seed(params.seed, k) for k in missing])
+        curves = dict(zip(missing, train_stacked(members, images, train_texts, similarity, lr_img=synset.lr_img,
+                                                 lr_txt=synset.lr_txt, settings=s, amp=params.evaluate.amp,
+                                                 splits=splits, device=device, progress=progress)))
+        for curve in curves.values():
+            curve["wall_s"] = curve["train_s"] + curve["eval_s"]
+        return _evaluate_networks(params, lambda k, _: curves[k], num_eval, progress, desc, checkpoints, on_network)
+
+    def train_one(k: int, generator: torch.Generator) -> dict:
         model = _build_model(params, arch, train_texts.shape[1], device)
         lr_txt = synset.lr_img if vl_distill else synset.lr_txt
         optimizer, scheduler = synset_optimizer(model, synset.lr_img, lr_txt, s.momentum, s.weight_decay,
@@ -171,8 +187,7 @@ def train_networks_on_set(params: Params, arch: EvalArch, synset: SyntheticSet, 
         return run_network(model, train_epoch, range(s.epochs + 1), splits, eval_at, device, params.evaluate.amp,
                            progress)
 
-    return _evaluate_networks(params, train_one, num_eval or params.evaluate.num_eval, progress, desc, checkpoints,
-                              on_network)
+    return _evaluate_networks(params, train_one, num_eval, progress, desc, checkpoints, on_network)
 
 
 def evaluate_whole(params: Params, dataset: str, arch: str | None = None, num_eval: int | None = None,
@@ -191,7 +206,7 @@ def evaluate_whole(params: Params, dataset: str, arch: str | None = None, num_ev
     epochs = range(1, params.evaluate.whole_epochs + 1)
     recipe = params.experts
 
-    def train_one(generator: torch.Generator) -> dict:
+    def train_one(k: int, generator: torch.Generator) -> dict:
         model = _build_model(params, eval_arch, features.shape[1], device)
         optimizer = make_expert_optimizer(model, recipe.lr_img, recipe.lr_txt)
 

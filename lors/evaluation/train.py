@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +40,17 @@ def eval_epochs(first: int, last: int, every: int) -> list[int]:
 def synset_optimizer(model: DualEncoder, lr_img: float, lr_txt: float, momentum: float, weight_decay: float,
                      epochs: int | None) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR | None]:
     """SGD with one lr per branch; x0.1 from epoch epochs//2+1 on (51 of 0..100), no decay for None."""
-    optimizer = torch.optim.SGD([{"params": model.image_encoder.parameters(), "lr": lr_img},
-                                 {"params": model.text_head.parameters(), "lr": lr_txt}],
+    return branch_optimizer(model.image_encoder.parameters(), model.text_head.parameters(), lr_img, lr_txt,
+                            momentum, weight_decay, epochs)
+
+
+def branch_optimizer(image_params: Iterable[torch.Tensor], text_params: Iterable[torch.Tensor], lr_img: float,
+                     lr_txt: float, momentum: float, weight_decay: float,
+                     epochs: int | None) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.MultiStepLR | None]:
+    """synset_optimizer over given tensors (also stacked ones: SGD is elementwise, so a stack of
+    networks steps exactly as each network would alone)."""
+    optimizer = torch.optim.SGD([{"params": list(image_params), "lr": lr_img},
+                                 {"params": list(text_params), "lr": lr_txt}],
                                 momentum=momentum, weight_decay=weight_decay)
     if epochs is None:
         return optimizer, None

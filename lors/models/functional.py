@@ -7,6 +7,8 @@ unrolled steps, the matching distance). The student network is built once per ru
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -47,6 +49,35 @@ class FlatParams:
                 params[name].copy_(value)
 
 
+class AffineAfterLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm written as normalise-then-affine: the same function, but one that
+    `torch.func.vmap` over a batch of weights differentiates twice correctly (torch 2.15's fused
+    layer_norm gives a wrong second derivative w.r.t. the input when its weight is batched)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def vmappable_twin(model: nn.Module) -> nn.Module | None:
+    """A copy of `model` sharing its parameters, with every nn.LayerNorm made AffineAfterLayerNorm, for
+    vmapping over stacked parameter sets; None when the model has buffers (BatchNorm running stats
+    cannot be updated per stacked member) or another normalisation layer with parameters."""
+    if any(True for _ in model.buffers()):
+        return None
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))
+        if is_norm and type(module) is not nn.LayerNorm:
+            return None
+    twin = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    for module in twin.modules():
+        if type(module) is nn.LayerNorm:
+            module.__class__ = AffineAfterLayerNorm
+    return twin
+
+
 class FunctionalDualEncoder:
     """A DualEncoder whose image-encoder and text-head parameters come from two flat vectors."""
 
@@ -54,6 +85,17 @@ class FunctionalDualEncoder:
         self.model = model
         self.image_layout = FlatParams(model.image_encoder)
         self.text_layout = FlatParams(model.text_head)
+        self._twin: FunctionalDualEncoder | None | bool = False  # False: not built yet
+
+    def vmappable(self) -> "FunctionalDualEncoder | None":
+        """The same network (shared parameters, same train/eval mode) in a form torch.func.vmap can
+        differentiate twice over stacked parameter vectors; None when the model does not allow it."""
+        if self._twin is False:
+            twin = vmappable_twin(self.model)
+            self._twin = None if twin is None else FunctionalDualEncoder(twin)
+        if self._twin is not None:
+            self._twin.model.train(self.model.training)
+        return self._twin
 
     def initial(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.image_layout.flatten(self.model.image_encoder), self.text_layout.flatten(self.model.text_head)
