@@ -17,7 +17,7 @@ from lors.report.collect import collect_results, load_published, source_arch
 from lors.report.figures import retrieval_vs_budget, synset_figures
 from lors.report.render import to_latex, to_markdown
 from lors.report.tables import cross_arch_table, reproduction_frame, reproduction_table, results_table
-from lors.tracking import flush_pending
+from lors.tracking import flush_pending_or_warn
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def build_reports(params: Params, out_dir: str | Path = "reports", datasets: Seq
 
     First writes the stage runs recorded so far to MLflow, so a repro ends with every run there.
     """
-    flush_pending(params)
+    flush_pending_or_warn(params)
     out_dir = Path(out_dir)
     published = load_published(params.report.published)
     for dataset in datasets or params.grid.datasets:
