@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,9 +47,13 @@ def launch(params: Params, root: Path, executor: Literal["slurm", "local"] | Non
         return former
     group = run_group(params)
     folder.mkdir(parents=True, exist_ok=True)
+    if executor == "local":  # local writers share the sqlite store's lock: the parent run can come later
+        opener = threading.Thread(target=_open_pipeline_run, args=(params, group), daemon=True)
+        opener.start()
+        outcomes = run_local(plan, cluster, folder, root, group, jobs or cluster.local_jobs)
+        opener.join()
+        return former + outcomes
     _open_pipeline_run(params, group)
-    if executor == "local":
-        return former + run_local(plan, cluster, folder, root, group, jobs or cluster.local_jobs)
     waited = {name: job_id for name, job_id in active.items() if name in {job.name for job in plan}}
     submitted = submit_slurm(plan, cluster, folder, root, group, waited)
     (folder / STATE_FILE).write_text(json.dumps(
@@ -89,7 +94,8 @@ def _former_slurm_jobs(folder: Path) -> tuple[dict[str, str], list[Outcome]]:
 
 
 def _open_pipeline_run(params: Params, group: str) -> None:
-    """Create the MLflow parent run of this pipeline run before any job starts, so jobs never race to."""
+    """Create the MLflow parent run of this pipeline run before any SLURM job starts, so jobs on other
+    nodes never race to create it."""
     from lors.tracking import tracking_enabled
 
     if tracking_enabled(params):
