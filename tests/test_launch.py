@@ -196,6 +196,27 @@ def test_sbatch_scripts_and_dependency_chain(tmp_path, fake_slurm, monkeypatch):
     assert _scripts(fake_slurm)[107]["dependency"] == "afterok:106_0:106_1:106_2:106_3"
 
 
+@pytest.mark.slow
+def test_local_executor_on_a_toy_pipeline_ends_clean_and_skips_below_a_failure(tmp_path, monkeypatch):
+    """Seven shell stages, two jobs at a time: DVC records each, and a failing stage skips its report."""
+    repo = _toy_repo(tmp_path)
+    monkeypatch.setenv("LORS_TRACKING", "0")
+    monkeypatch.chdir(repo)
+    params = _cluster_params(tmp_path)
+    outcomes = launch(params, repo, "local", jobs=2)
+    assert [(o.stage, o.state) for o in outcomes] == [(name, "done") for name in (
+        "prep@a", "prep@b", "train@a-0", "train@a-1", "train@b-0", "train@b-1", "report")]
+    assert (repo / "out" / "report.txt").read_text() == "a\na\nb\nb\n" and outcomes[0].log.is_file()
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, capture_output=True, text=True)
+    assert "up to date" in status.stdout and len(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == 7
+    assert launch(params, repo, "local") == []  # nothing stale, nothing run
+
+    (repo / "dvc.yaml").write_text(TOY_DVC.replace("echo ${item} >", "exit 3 ||"))
+    outcomes = {o.stage: o for o in launch(params, repo, "local", jobs=2)}
+    assert outcomes["prep@a"].state == "failed" and outcomes["report"].state == "skipped"
+    assert "exited with status" in outcomes["prep@a"].log.read_text()
+
+
 def test_dry_run_lists_job_arrays_of_the_real_pipeline(tmp_path, capsys):
     """The pipeline's own dvc.yaml, nothing run yet: every stage planned, grouped as arrays."""
     from tests.test_demo_e2e import COPY

@@ -37,9 +37,7 @@ def run_stage(stage: str, root: str, run_group: str) -> str:
     Before the job ends it waits for the live MLflow followers its stage started, which SLURM would
     otherwise kill with the job.
     """
-    from lors.config import load_params
-    from lors.tracking import tracking_dir
-    from lors.tracking_live import JOB_ENV, drain_followers
+    from lors.tracking_live import JOB_ENV
 
     os.chdir(root)
     token = f"{stage}-{uuid.uuid4().hex[:8]}"
@@ -49,10 +47,24 @@ def run_stage(stage: str, root: str, run_group: str) -> str:
     command = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
     print(f"$ {shlex.join(command)}", flush=True)
     code = subprocess.run(command, env=env, check=False).returncode
-    drain_followers(tracking_dir(load_params("params.yaml")), token)
+    _drain_followers(token)
     if code != 0:
         raise RuntimeError(f"stage {stage}: `dvc repro` exited with status {code}")
     return stage
+
+
+def _drain_followers(token: str) -> None:
+    """Wait for the stage's live MLflow followers, where params.yaml says where they write."""
+    from lors.config import load_params
+    from lors.errors import LorsError
+    from lors.tracking import tracking_dir
+    from lors.tracking_live import drain_followers
+
+    try:
+        folder = tracking_dir(load_params("params.yaml"))
+    except LorsError:  # a pipeline without lors params: no followers
+        return
+    drain_followers(folder, token)
 
 
 @dataclass
