@@ -446,5 +446,5 @@ def flush_pending_or_warn(params: Params) -> int:
     try:
         return flush_pending(params)
     except Exception as exc:  # noqa: BLE001 - the records stay on disk; `lors-bench track` retries
-        log.warning("tracking: %s", exc if isinstance(exc, LorsError) else f"{exc.__class__.__name__}: {exc}")
+        log.warning("%s", exc if isinstance(exc, LorsError) else f"tracking: {exc.__class__.__name__}: {exc}")
         return 0
