@@ -186,5 +186,28 @@ def profile(name: Annotated[str, typer.Argument(help="a file stem in profiles/: 
     typer.echo(f"{apply_profile(name, params, checks=_checks())} <- profiles/{name}.yaml")
 
 
+@app.command()
+@_stage
+def launch(targets: Annotated[Optional[list[str]], typer.Argument(
+               help="stage names or globs (distill, 'distill@coco-*'); default: the whole pipeline")] = None,
+           params: ParamsOpt = Path("params.yaml"),
+           executor: Annotated[Optional[str], typer.Option(help="slurm | local (default: cluster.executor)")] = None,
+           jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", min=1,
+                                                       help="local: most jobs at once (default: cluster.local_jobs)")] = None,
+           wait: Annotated[bool, typer.Option(help="slurm: wait for the jobs and report failures")] = False,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="print the job arrays, submit nothing")] = False) -> None:
+    """Run the stale DVC stages as submitit jobs (SLURM arrays with dependencies, or local processes)."""
+    from lors.errors import ConfigError
+    from lors.launch import launch as run_launch
+
+    if executor not in (None, "slurm", "local"):
+        raise ConfigError(f"--executor {executor}: use slurm or local")
+    outcomes = run_launch(_params(params), Path.cwd(), executor, targets or (), jobs, wait, dry_run)
+    for result in outcomes:
+        typer.echo(result.line())
+    if any(result.state.startswith(("failed", "skipped")) for result in outcomes):
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

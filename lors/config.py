@@ -153,6 +153,44 @@ class TrackingConfig(Strict):
     experiment: str = "lors-bench"
     enabled: bool = True
     defer: bool = True  # record runs on disk; the report stage or `lors-bench track` writes them to MLflow
+    live: list[str] = ["experts", "distill", "evaluate"]  # stages streamed to MLflow while they run
+
+
+class JobResources(Strict):
+    """What one job of a stage kind asks SLURM for (`lors-bench launch`)."""
+
+    gpus: int = Field(0, ge=0)
+    cpus: int = Field(4, ge=1)
+    mem_gb: float = Field(16, gt=0)
+    time_min: int = Field(60, ge=1)  # also the local executor's kill timeout
+    partition: str | None = None  # None: cluster.partition
+
+
+class ClusterConfig(Strict):
+    """`lors-bench launch`: one submitit job per stale DVC stage, on SLURM or as local processes.
+
+    Not a dependency of any stage: changing it reruns nothing.
+    """
+
+    executor: Literal["slurm", "local"] = "slurm"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    log_dir: Path = Path("work/launch")  # job scripts and logs; must be on the filesystem every node sees
+    local_jobs: int = Field(2, ge=1)  # most local jobs at once (submitit's local executor has no cap)
+    array_parallelism: int = Field(64, ge=1)  # most tasks of one SLURM job array running at once
+    setup: list[str] = []  # shell lines each SLURM job runs first, e.g. "module load cuda"
+    default: JobResources = JobResources()  # stage kinds not named in `stages`
+    stages: dict[str, JobResources] = {  # keyed by the stage name before '@' in dvc.yaml
+        "embed_text": JobResources(gpus=1, time_min=120),
+        "experts": JobResources(gpus=1, cpus=8, mem_gb=32, time_min=360),
+        "distill": JobResources(gpus=1, cpus=8, mem_gb=64, time_min=1440),
+        **{kind: JobResources(gpus=1, cpus=8, mem_gb=32, time_min=480)
+           for kind in ("evaluate", "evaluate_coreset", "evaluate_cross", "evaluate_whole")},
+    }
+
+    def resources(self, kind: str) -> JobResources:
+        return self.stages.get(kind, self.default)
 
 
 class ReportConfig(Strict):
@@ -211,6 +249,7 @@ class Params(Strict):
     select: SelectConfig = SelectConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
     report: ReportConfig = ReportConfig()
 
     @model_validator(mode="after")

@@ -1,12 +1,16 @@
-"""MLflow tracking for every stage run, deferred so a stage never pays for importing MLflow.
+"""MLflow tracking for every stage run, recorded on disk so a stage never waits for MLflow.
 
 Stages call `stage_run(...)` and log through the returned tracker. The tracker only records: params,
 tags, metric rows and artifact files go into a run record, a folder
 `<work_dir>/tracking/pending/<start>-<uuid>/` (record.json + artifacts/) that appears atomically when
 the stage ends. `flush_pending` later replays every record into the MLflow store in one process, so
 MLflow is imported once per repro (by the report stage or `lors-bench track`) instead of once per
-stage; `tracking.defer: false` flushes a record right after its stage instead. With tracking disabled
-(or in unit tests) the tracker is a no-op, so library code never branches on MLflow.
+stage; `tracking.defer: false` flushes a record right after its stage instead. Long stages
+(`tracking.live`) also stream what they log, line by line, to a detached follower process
+(`lors.tracking_live`) that imports MLflow beside the stage and shows the run live, nested under one
+parent run per pipeline run; the follower then completes the run from the record, and if it dies a
+later flush does. With tracking disabled (or in unit tests) the tracker is a no-op, so library code
+never branches on MLflow; no MLflow failure ever fails a stage or the report.
 
 Parallel runs (`dvc exp run --queue` + `dvc queue start -j N`) share one record folder and one sqlite
 store, both resolved against the parent repository (DVC_ROOT, set by DVC for queued experiments that
@@ -25,12 +29,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from lors.config import Params
@@ -47,6 +53,9 @@ SETUP_ATTEMPTS = 5
 RECORD_FILE = "record.json"
 ARTIFACTS = "artifacts"
 RECORD_ID_TAG = "lors_record_id"
+PARENT_TAG = "mlflow.parentRunId"
+PIPELINE_ROLE = "pipeline"  # tag lors_role of the parent run that groups one pipeline run's stage runs
+LIVE_STALE_S = 60  # a follower whose heartbeat is older than this is dead; flushes then replay its record
 
 
 class RunRecord:
@@ -60,6 +69,16 @@ class RunRecord:
             "start_time": _now_ms(), "end_time": None, "status": "RUNNING", "tags": dict(tags), "params": {},
             "metrics": [],  # [key, value, step, timestamp_ms]
         }
+        self.events: Any = None  # the live follower's line-buffered event stream, when there is one
+
+    def emit(self, kind: str, payload: Any) -> None:
+        """Pass one logging call on to the live follower (a no-op without one); never raises."""
+        if self.events is not None:
+            try:
+                self.events.write(json.dumps({kind: payload}) + "\n")
+            except (OSError, ValueError) as exc:
+                log.warning("tracking: live stream stopped (%s); the run is written when the stage ends", exc)
+                self.events = None
 
     def artifact_path(self, name: str) -> Path:
         """Where an artifact named `name` (a path relative to the run's artifact root) is kept."""
@@ -87,16 +106,22 @@ class Tracker:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self._record:
-            logged = self._record.data["params"]
+            logged, new = self._record.data["params"], {}
             for key, value in params.items():
                 value = str(value)[:MAX_PARAM_LENGTH]
-                if logged.setdefault(key, value) != value:  # MLflow params are immutable: the first stays
+                if key not in logged:
+                    logged[key] = new[key] = value
+                elif logged[key] != value:  # MLflow params are immutable: the first stays
                     log.warning("param %s logged again with another value (%s, kept %s)", key, value, logged[key])
+            if new:
+                self._record.emit("params", new)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self._record:
             now = _now_ms()
-            self._record.data["metrics"].extend([k, float(v), int(step or 0), now] for k, v in metrics.items())
+            rows = [[k, float(v), int(step or 0), now] for k, v in metrics.items()]
+            self._record.data["metrics"].extend(rows)
+            self._record.emit("metrics", rows)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         """Copy a file or folder now, so a later rerun of the stage cannot change what this run logged."""
@@ -118,7 +143,9 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self._record:
-            self._record.data["tags"].update({k: str(v) for k, v in tags.items()})
+            tags = {k: str(v) for k, v in tags.items()}
+            self._record.data["tags"].update(tags)
+            self._record.emit("tags", tags)
 
 
 def _now_ms() -> int:
@@ -194,12 +221,36 @@ def run_tags(params: Params, stage: str, tags: Mapping[str, Any] | None = None) 
     return {k: str(v) for k, v in all_tags.items()}
 
 
+JOB_ENV = "LORS_LIVE_JOB"  # set by `lors-bench launch` jobs, which wait for their followers before ending
+
+
+def start_follower(root: Path, record: dict[str, Any]) -> IO[str] | None:
+    """Start the follower of one run record (`python -m lors.tracking_live`, its own process, so the stage
+    never imports MLflow); return the stream to write its events to (None: not live)."""
+    folder = root / "live" / record["record_id"]
+    try:
+        folder.mkdir(parents=True)
+        (folder / "heartbeat").touch()  # fresh from the start: flushes leave the record to the follower
+        (folder / "run.json").write_text(json.dumps({**record, "stage_pid": os.getpid(), "host": socket.gethostname(),
+                                                     "job": os.environ.get(JOB_ENV, "")}))
+        events = open(folder / "events.jsonl", "a", buffering=1)  # noqa: SIM115 - closed by stage_run
+        with open(folder / "follower.log", "ab") as out:
+            subprocess.Popen([sys.executable, "-m", "lors.tracking_live", str(folder)], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        return events
+    except OSError as exc:
+        log.warning("tracking: no live run (%s); the run is written when the stage ends", exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
 @contextlib.contextmanager
 def stage_run(params: Params, stage: str, name: str, tags: Mapping[str, Any] | None = None) -> Iterator[Tracker]:
     """A run record for one stage invocation: all params, tags for grouping, then whatever the stage logs.
 
     The record is FINISHED, or FAILED when the block raises (the error propagates); with
-    `tracking.defer: false` it is written to MLflow right away.
+    `tracking.defer: false` it is written to MLflow right away. A stage named in `tracking.live`
+    also streams to a follower process that shows the run in MLflow while it runs.
     """
     if not tracking_enabled(params):
         yield Tracker()
@@ -210,12 +261,16 @@ def stage_run(params: Params, stage: str, name: str, tags: Mapping[str, Any] | N
         folder.mkdir()
         record = RunRecord(folder, record_id, name, tracking_uri(params), params.tracking.experiment,
                            run_tags(params, stage, tags))
+        if stage in params.tracking.live:
+            record.events = start_follower(tracking_dir(params), record.data)
         tracker = Tracker(record)
         tracker.log_params(flatten(params.model_dump(mode="json")))
         try:
             yield tracker
         except BaseException as exc:  # noqa: BLE001 - recorded as FAILED, re-raised below
             failure = exc
+        if record.events is not None:
+            record.events.close()
         record.close("FAILED" if failure else "FINISHED")
     if not params.tracking.defer:
         try:
@@ -269,27 +324,67 @@ def _open_store(uri: str, experiment: str) -> tuple[Any, str]:
             time.sleep(0.5 * 2**attempt)
 
 
-def _replay(client: Any, experiment_id: str, folder: Path, record: dict[str, Any]) -> None:
-    """Write one record as a run; a run it left half-written before is deleted and written anew."""
-    from mlflow.entities import Metric, Param, ViewType
+def pipeline_run(client: Any, experiment_id: str, uri: str, tags: Mapping[str, str]) -> str:
+    """The id of the parent run of the stage runs tagged `tags["run_group"]`, created by the first asker.
 
-    record_id = record["record_id"]
+    Local writers of one sqlite store take turns on its lock; `lors-bench launch` creates it before
+    any job starts, so jobs on other nodes only ever find it.
+    """
+    from mlflow.entities import ViewType
+
+    group = tags.get("run_group", "")
+    query = f"tags.lors_role = '{PIPELINE_ROLE}' and tags.run_group = '{group}'"
+    with _setup_lock(uri):
+        found = client.search_runs([experiment_id], query, ViewType.ACTIVE_ONLY, max_results=1)
+        if found:
+            return found[0].info.run_id
+        keep = {k: tags[k] for k in ("profile", "protocol", "seed", "git_commit") if k in tags}
+        return client.create_run(experiment_id, run_name=f"pipeline {group}",
+                                 tags={**keep, "run_group": group, "lors_role": PIPELINE_ROLE}).info.run_id
+
+
+def settle_pipeline_run(client: Any, experiment_id: str, uri: str, parent_id: str) -> None:
+    """Mark the parent run RUNNING while any of its stage runs is, else FINISHED."""
+    with _setup_lock(uri):
+        running = client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{parent_id}' and "
+                                     "attributes.status = 'RUNNING'", max_results=1)
+        if running:
+            client.update_run(parent_id, status="RUNNING")
+        else:
+            client.set_terminated(parent_id, "FINISHED")
+
+
+def log_in_batches(client: Any, run_id: str, params: Mapping[str, str] = {},  # noqa: B006 - never mutated
+                   metrics: list | tuple = (), tags: Mapping[str, str] = {}) -> None:  # noqa: B006
+    """Log params, metric rows [key, value, step, timestamp_ms] and tags within MLflow's batch limits."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    batches = [("params", [Param(k, v) for k, v in params.items()], MAX_PARAMS_PER_CALL),
+               ("tags", [RunTag(k, v) for k, v in tags.items()], MAX_PARAMS_PER_CALL),
+               ("metrics", [Metric(k, v, ts, step) for k, v, step, ts in metrics], MAX_METRICS_PER_CALL)]
+    for kind, items, size in batches:
+        for start in range(0, len(items), size):
+            client.log_batch(run_id, **{kind: items[start:start + size]})
+
+
+def _replay(client: Any, experiment_id: str, folder: Path, record: dict[str, Any]) -> None:
+    """Write one record as a run under its pipeline run; a run it left half-written before (a crashed
+    flush, a dead live follower) is deleted and written anew."""
+    from mlflow.entities import ViewType
+
+    record_id, uri = record["record_id"], record["tracking_uri"]
     for run in client.search_runs([experiment_id], f"tags.{RECORD_ID_TAG} = '{record_id}'", ViewType.ACTIVE_ONLY):
         if run.info.status != "RUNNING":  # complete: only the record's removal was missed
             return
         client.delete_run(run.info.run_id)
+    parent = pipeline_run(client, experiment_id, uri, record["tags"])
     run = client.create_run(experiment_id, start_time=record["start_time"], run_name=record["run_name"],
-                            tags={**record["tags"], RECORD_ID_TAG: record_id})
-    run_id = run.info.run_id
-    params = [Param(k, v) for k, v in record["params"].items()]
-    for start in range(0, len(params), MAX_PARAMS_PER_CALL):
-        client.log_batch(run_id, params=params[start:start + MAX_PARAMS_PER_CALL])
-    metrics = [Metric(key, value, timestamp, step) for key, value, step, timestamp in record["metrics"]]
-    for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
-        client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_CALL])
+                            tags={**record["tags"], RECORD_ID_TAG: record_id, PARENT_TAG: parent})
+    log_in_batches(client, run.info.run_id, record["params"], record["metrics"])
     if (folder / ARTIFACTS).is_dir():
-        client.log_artifacts(run_id, str(folder / ARTIFACTS))
-    client.set_terminated(run_id, record["status"], end_time=record["end_time"])
+        client.log_artifacts(run.info.run_id, str(folder / ARTIFACTS))
+    client.set_terminated(run.info.run_id, record["status"], end_time=record["end_time"])
+    settle_pipeline_run(client, experiment_id, uri, parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -314,17 +409,26 @@ def _release_stale_claims(root: Path) -> None:
                 claimed.rmdir()
 
 
+def follower_alive(root: Path, record_id: str) -> bool:
+    """Whether a live follower still owns this record (its heartbeat is recent)."""
+    try:
+        return time.time() - (root / "live" / record_id / "heartbeat").stat().st_mtime < LIVE_STALE_S
+    except FileNotFoundError:
+        return False
+
+
 def flush_pending(params: Params) -> int:
     """Write every pending run record to MLflow and remove it; return how many records left the queue.
 
-    Records that fail stay pending (a later flush retries them) and end in one LorsError once the
-    others are written.
+    Records a live follower is about to complete are left to it. Records that fail stay pending (a later
+    flush retries them) and end in one LorsError once the others are written.
     """
     root = tracking_dir(params)
     if not tracking_enabled(params) or not (root / "pending").is_dir():
         return 0
     _release_stale_claims(root)
-    names = sorted(p.name for p in (root / "pending").iterdir() if not p.name.startswith("."))
+    names = sorted(p.name for p in (root / "pending").iterdir()
+                   if not p.name.startswith(".") and not follower_alive(root, p.name.rsplit("-", 1)[-1]))
     if not names:
         return 0
     began = time.monotonic()
@@ -349,6 +453,7 @@ def flush_pending(params: Params) -> int:
                 failed.append(f"{name}: {exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}")
                 continue
             shutil.rmtree(folder)
+            shutil.rmtree(root / "live" / name.rsplit("-", 1)[-1], ignore_errors=True)  # a dead follower's
             written += 1
     finally:
         _release_stale_claims(root)  # failed or interrupted records go back to pending
@@ -357,3 +462,12 @@ def flush_pending(params: Params) -> int:
         raise LorsError(f"tracking: {len(failed)} run record(s) stay pending in {root / 'pending'} "
                         f"(first: {failed[0]}); rerun `lors-bench track`")
     return written
+
+
+def flush_pending_or_warn(params: Params) -> int:
+    """`flush_pending` for the report stage: an MLflow failure is a warning, never a missing table."""
+    try:
+        return flush_pending(params)
+    except Exception as exc:  # noqa: BLE001 - the records stay on disk; `lors-bench track` retries
+        log.warning("%s", exc if isinstance(exc, LorsError) else f"tracking: {exc.__class__.__name__}: {exc}")
+        return 0

@@ -1,10 +1,14 @@
 """MLflow tracking: run records written without MLflow, replayed into a store once, crash-safe and
-concurrency-safe flushing, store location, grouping tags, and runs read back through a real server."""
+concurrency-safe flushing, store location, grouping tags, one parent run per pipeline run, live runs
+streamed by a follower process (and replayed once when it dies), MLflow failures as warnings, and runs
+read back through a real server."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +20,8 @@ import pytest
 
 from lors.config import Params
 from lors.errors import LorsError
-from lors.tracking import (RECORD_ID_TAG, Tracker, flatten, flush_pending, run_group, run_tags, stage_run,
-                           tracking_dir, tracking_uri)
+from lors.tracking import (PARENT_TAG, RECORD_ID_TAG, Tracker, flatten, flush_pending, flush_pending_or_warn,
+                           run_group, run_tags, stage_run, tracking_dir, tracking_uri)
 from tests.conftest import tiny_params_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +31,7 @@ import sys
 from lors.config import Params
 from lors.tracking import flush_pending, stage_run
 from tests.conftest import tiny_params_dict
-d = tiny_params_dict(sys.argv[1]); d["tracking"] = {"uri": sys.argv[2], "experiment": "concurrent"}
+d = tiny_params_dict(sys.argv[1]); d["tracking"] = {"uri": sys.argv[2], "experiment": "concurrent", "live": []}
 p = Params.model_validate(d)
 with stage_run(p, "evaluate", f"worker-{sys.argv[3]}", {"dataset": "embedded", "budget": 20, "method": "lors"}) as t:
     for step in range(5):
@@ -65,7 +69,7 @@ def tracked(monkeypatch, store_dir):
 
 def _params(tmp_path: Path, **tracking) -> Params:
     data = tiny_params_dict(tmp_path / "work")
-    data["tracking"] = {"enabled": True, **tracking}
+    data["tracking"] = {"enabled": True, "live": [], **tracking}
     return Params.model_validate(data)
 
 
@@ -73,13 +77,22 @@ def _store_params(tmp_path: Path, store_dir: Path, experiment: str, **tracking) 
     return _params(tmp_path, uri=f"sqlite:///{store_dir / 'mlflow.db'}", experiment=experiment, **tracking)
 
 
-def _runs(params: Params) -> list:
+def _all_runs(params: Params) -> list:
     """The active runs of the params' experiment, read straight from the store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(params))
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     return [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _runs(params: Params) -> list:
+    """The stage runs (not the pipeline parent runs)."""
+    return [run for run in _all_runs(params) if run.data.tags.get("lors_role") != "pipeline"]
+
+
+def _parents(params: Params) -> list:
+    return [run for run in _all_runs(params) if run.data.tags.get("lors_role") == "pipeline"]
 
 
 def _pending(params: Params) -> list[Path]:
@@ -174,6 +187,10 @@ def test_records_are_written_without_mlflow_then_replayed(tmp_path, tracked, mon
     assert tags["run_group"] == "repro-7" == failed.data.tags["run_group"]
     assert tags["stage"] == "evaluate" and tags["budget"] == "20" and tags["text_transfer"] == "reference"
     assert tags[RECORD_ID_TAG] != failed.data.tags[RECORD_ID_TAG]
+    (parent,) = _parents(params)  # both runs nested under the one run of their pipeline run
+    assert parent.info.run_name == "pipeline repro-7" and parent.data.tags["run_group"] == "repro-7"
+    assert tags[PARENT_TAG] == parent.info.run_id == failed.data.tags[PARENT_TAG]
+    assert parent.info.status == "FINISHED"
     assert good.data.params["num_eval"] == "2" and good.data.params["model.image_encoder"] == "test_nfnet"
     assert good.data.params["distill.lors.default.rank"] == "4" and good.data.params["sweep.149"] == "149"
 
@@ -259,6 +276,8 @@ def test_concurrent_flushers_write_each_run_once(tmp_path, tracked):
     assert sorted(r.info.run_name for r in runs) == sorted(f"run-{i}" for i in range(12))
     assert len({r.data.tags[RECORD_ID_TAG] for r in runs}) == 12 and {r.info.status for r in runs} == {"FINISHED"}
     assert _pending(params) == [] and not list(tracking_dir(params).glob("flushing-*"))
+    (parent,) = _parents(params)  # flushers racing to create it made one
+    assert {r.data.tags[PARENT_TAG] for r in runs} == {parent.info.run_id}
 
 
 def test_defer_false_logs_right_away(tmp_path, tracked):
@@ -334,3 +353,96 @@ def test_concurrent_writers_then_read_back_through_mlflow_server(tmp_path):
         assert run["info"]["status"] == "FINISHED"
         assert run["info"]["artifact_uri"].startswith((tmp_path / "mlartifacts").as_uri())
     assert len({t["value"] for r in runs for t in r["data"]["tags"] if t["key"] == "run_group"}) == 1
+
+
+def _wait_for(condition, what: str, timeout_s: float = 120):
+    """Poll until `condition()` returns something truthy (the follower imports MLflow in seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def _history(params: Params, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(tracking_uri(params)).get_metric_history(run_id, key))
+
+
+def _live_run(params: Params, steps: int):
+    """The stage's live run once it shows `steps` steps of matching_loss, while the stage still runs."""
+    def ready():
+        runs = _runs(params)
+        return runs[0] if runs and len(_history(params, runs[0].info.run_id, "matching_loss")) == steps else None
+    return _wait_for(ready, f"{steps} live step(s)")
+
+
+@pytest.mark.slow
+def test_live_run_shows_metrics_while_the_stage_runs(tmp_path, tracked, monkeypatch):
+    """A distillation's losses appear in MLflow during the stage, under the pipeline's parent run; the
+    follower then completes the same run (no second run, no duplicated step) and cleans up."""
+    monkeypatch.setenv("LORS_LIVE_POLL_S", "0.3")
+    monkeypatch.setenv("LORS_RUN_GROUP", "live-1")
+    params = _store_params(tmp_path, tracked, "live", live=["distill"])
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # the stage itself never imports MLflow
+    with stage_run(params, "distill", "embedded/lors-20", {"dataset": "embedded"}) as tracker:
+        for step in range(2):
+            tracker.log_metrics({"matching_loss": 1.0 / (step + 1)}, step=step)
+        monkeypatch.delitem(sys.modules, "mlflow")
+        live = _live_run(params, 2)
+        assert live.info.status == "RUNNING" and live.data.params["distill.default.rank"] == "4"
+        (parent,) = _parents(params)
+        assert live.data.tags[PARENT_TAG] == parent.info.run_id and parent.info.status == "RUNNING"
+        tracker.log_metrics({"matching_loss": 0.25}, step=2)
+        tracker.log_text("done", "notes/end.txt")
+    done = _wait_for(lambda: [r for r in _runs(params) if r.info.status == "FINISHED"], "the finished run")
+    assert [r.info.run_id for r in _runs(params)] == [live.info.run_id] == [done[0].info.run_id]
+    assert _history(params, live.info.run_id, "matching_loss") == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(params))
+    assert [a.path for a in client.list_artifacts(live.info.run_id, "notes")] == ["notes/end.txt"]
+    _wait_for(lambda: not (tracking_dir(params) / "live").exists() or not any((tracking_dir(params) / "live").iterdir()),
+              "the follower to clean up", 30)
+    assert _pending(params) == [] and flush_pending(params) == 0
+    assert _parents(params)[0].info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_dead_follower_run_is_replayed_once(tmp_path, tracked, monkeypatch):
+    """A follower killed mid-run leaves a RUNNING run; once its heartbeat is stale a flush replaces it by
+    the complete run: one active run per stage run, nothing lost."""
+    monkeypatch.setenv("LORS_LIVE_POLL_S", "0.3")
+    params = _store_params(tmp_path, tracked, "dead", live=["evaluate"])
+    with stage_run(params, "evaluate", "embedded/lors-20", {"dataset": "embedded"}) as tracker:
+        tracker.log_metrics({"matching_loss": 2.0}, step=0)
+        _live_run(params, 1)
+        (folder,) = (tracking_dir(params) / "live").iterdir()
+        os.kill(int((folder / "follower.pid").read_text()), signal.SIGKILL)
+        tracker.log_metrics({"matching_loss": 1.0}, step=1)
+    assert len(_pending(params)) == 1 and flush_pending(params) == 0  # the heartbeat is still fresh: left alone
+    monkeypatch.setattr("lors.tracking.LIVE_STALE_S", 0)
+    assert flush_pending(params) == 1
+    (run,) = _runs(params)
+    assert run.info.status == "FINISHED" and _history(params, run.info.run_id, "matching_loss") == [(0, 2.0), (1, 1.0)]
+    assert run.data.tags[PARENT_TAG] == _parents(params)[0].info.run_id
+    assert not (tracking_dir(params) / "live" / folder.name).exists()
+
+
+def test_mlflow_failures_warn_and_never_fail_a_stage(tmp_path, tracked, monkeypatch, caplog):
+    params = _store_params(tmp_path, tracked, "failing", live=["distill"])
+
+    def fail(*args, **kwargs):
+        raise OSError("fork failed")
+
+    with caplog.at_level(logging.WARNING, logger="lors"), monkeypatch.context() as patch:
+        patch.setattr("lors.tracking.subprocess.Popen", fail)  # no live follower
+        with stage_run(params, "distill", "no-follower") as tracker:
+            tracker.log_metrics({"matching_loss": 1.0}, step=0)
+        assert "no live run (fork failed)" in caplog.text
+        assert len(_pending(params)) == 1 and not any((tracking_dir(params) / "live").iterdir())
+        patch.setattr("lors.tracking._open_store", fail)
+        assert flush_pending_or_warn(params) == 0  # what the report stage calls: a warning, then the tables
+        assert "1 run record(s) stay pending" in caplog.text and "fork failed" in caplog.text
+    assert flush_pending(params) == 1 and [r.info.run_name for r in _runs(params)] == ["no-follower"]
