@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 
-import timm
 import torch
 from torch import nn
 
@@ -13,6 +12,8 @@ from lors.errors import ConfigError
 
 
 def check_image_encoder_name(name: str) -> None:
+    import timm  # here, not at the top: timm pulls in torchvision (seconds) and only model stages need it
+
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
@@ -25,6 +26,8 @@ def _pretrained_backbone(name: str) -> nn.Module:
         # fork: timm draws a random init before loading weights, and only on the first (uncached) call,
         # which would make the first network of a process start differently from later ones
         with torch.random.fork_rng(devices=[]):
+            import timm
+
             return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as exc:  # hub unreachable, no cached weights, ...
         raise ConfigError(
@@ -40,6 +43,8 @@ def build_image_encoder(name: str, pretrained: bool) -> nn.Module:
     starts from identical weights (as the reference's lru_cache + deepcopy does). Random init draws
     from torch's global RNG, so seed it before calling.
     """
+    import timm
+
     check_image_encoder_name(name)
     if pretrained:
         return copy.deepcopy(_pretrained_backbone(name))
