@@ -87,28 +87,28 @@ def test_settings_inherit_key_by_key_and_lors_knobs_stay_in_the_lors_block():
 
 def test_a_missing_cell_and_too_few_expert_epochs_are_listed_together(tmp_path):
     data = yaml.safe_load((PROFILES / "demo.yaml").read_text())
-    del data["distill"]["tesla_vl"]["settings"]["embedded"][50]
-    data["distill"]["lors"]["settings"]["embedded"][20] = {"max_start_epoch": 5, "rankk": 3}
+    del data["distill"]["tesla_vl"]["settings"]["embedded"][100]
+    data["distill"]["lors"]["settings"]["embedded"][50] = {"max_start_epoch": 5, "rankk": 3}
     data["grid"]["distill_methods"].append("lorz")
     data["grid"]["select_methods"].append("herdin")
     del data["evaluate"]["methods"]["kcenter"]
     with pytest.raises(ConfigError) as err:
         load_params(_write(tmp_path, data), CHECKS)
     message = str(err.value)
-    for expected in ("distill.tesla_vl.settings.embedded.50: missing",
-                     "distill.lors.settings.embedded.20.rankk: Extra inputs are not permitted",
+    for expected in ("distill.tesla_vl.settings.embedded.100: missing",
+                     "distill.lors.settings.embedded.50.rankk: Extra inputs are not permitted",
                      "grid.distill_methods: unknown method 'lorz'",
                      "grid.select_methods: unknown method 'herdin'",
                      "evaluate.methods.kcenter: missing"):
         assert expected in message, message
     assert message.splitlines()[0].endswith("problems")
     data = yaml.safe_load((PROFILES / "demo.yaml").read_text())
-    data["distill"]["lors"]["settings"]["embedded"][20] = {"max_start_epoch": 5}
+    data["distill"]["lors"]["settings"]["embedded"][50] = {"max_start_epoch": 5}
     with pytest.raises(ConfigError, match="experts.epochs: 2, but distillation reads snapshots up to epoch 5"):
         load_params(_write(tmp_path, data), CHECKS)
 
 
-@pytest.mark.parametrize("name", ["demo", "flickr8k", "paper"])
+@pytest.mark.parametrize("name", ["demo", "flickr8k", "flickr8k-cpu", "paper"])
 def test_every_grid_cell_validates_with_the_registries(name):
     """dvc.yaml reads distill.<method>.settings.<dataset>.<budget> and evaluate.methods.<method>: the
     profiles have every one, and experts.epochs covers every cell's last snapshot."""
@@ -134,11 +134,11 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 def test_unknown_key_is_one_line(tmp_path):
     data = yaml.safe_load((PROFILES / "demo.yaml").read_text())
-    data["distill"]["lors"]["settings"]["embedded"][20]["lr_imgg"] = 1
+    data["distill"]["lors"]["settings"]["embedded"][50]["lr_imgg"] = 1
     with pytest.raises(ConfigError) as err:
         load_params(_write(tmp_path, data), CHECKS)
     message = str(err.value)
-    assert "\n" not in message and "distill.lors.settings.embedded.20.lr_imgg" in message
+    assert "\n" not in message and "distill.lors.settings.embedded.50.lr_imgg" in message
 
 
 def test_wrong_type_is_one_line(tmp_path):

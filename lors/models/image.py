@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 
-import timm
 import torch
 from torch import nn
 
@@ -14,6 +13,8 @@ from lors.models.pretrained import LITE0_ENCODER, LITE0_PACKAGE, load_pretrained
 
 
 def check_image_encoder_name(name: str) -> None:
+    import timm  # here, not at the top: timm pulls in torchvision (seconds) and only model stages need it
+
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
@@ -24,6 +25,8 @@ def check_image_encoder_name(name: str) -> None:
 def _pretrained_backbone(name: str, pretrained: bool | str) -> nn.Module:
     # fork: timm draws a random init before loading weights, and only on the first (uncached) call,
     # which would make the first network of a process start differently from later ones
+    import timm
+
     with torch.random.fork_rng(devices=[]):
         if isinstance(pretrained, str):
             model = timm.create_model(name, pretrained=False, num_classes=0)
@@ -48,6 +51,8 @@ def build_image_encoder(name: str, pretrained: bool | str) -> nn.Module:
     weights (as the reference's lru_cache + deepcopy does). Random init draws from torch's global RNG,
     so seed it before calling.
     """
+    import timm
+
     check_image_encoder_name(name)
     if not pretrained:
         return timm.create_model(name, pretrained=False, num_classes=0)
