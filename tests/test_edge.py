@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.nn import functional as F
 
 from lors.distill.edge import EdgeSettings, check_budget, edge_set
 from lors.edge import captions as edge_captions
@@ -161,7 +160,7 @@ def test_finetune_moves_only_biases_and_norms(tiny, tmp_path):
     assert len(state["history"]) == 1 and state["epoch"] == 1 and store.saves == ["edge-finetune"]
     changed = {n for n, p in parts.unet.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("bias" in n or "norm" in n for n in changed)
-    assert changed == set(state["trainable"]) - {n for n in state["trainable"] if torch.equal(state["trainable"][n], before[n])}
+    assert changed <= set(state["trainable"])
 
 
 def test_finetune_resumes_from_its_epoch_checkpoint(tiny, tmp_path):
@@ -205,7 +204,8 @@ def test_sampling_is_deterministic_under_a_seed_and_resumes_by_chunk(tiny, tmp_p
 def test_vlm_replies_are_parsed_and_completed():
     assert edge_captions.instruction(1) == "Describe the image in one sentence."
     assert edge_captions.instruction(3) == "Describe the image briefly in 3 different ways."
-    assert edge_captions.parse_reply("1. A cat.\n\n2) A dog.\n- A bird.\n4. extra", 3) == ["A cat.", "A dog.", "A bird."]
+    reply = "1. A cat.\n\n2) A dog.\n- A bird.\n4. extra"
+    assert edge_captions.parse_reply(reply, 3) == ["A cat.", "A dog.", "A bird."]
 
 
 def test_caption_synthesis_keeps_the_prompt_and_completes_short_replies(tmp_path):

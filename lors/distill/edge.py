@@ -52,7 +52,8 @@ def check_budget(settings: EdgeSettings, budget: int, n_captions: int) -> int:
     if budget % cpi:
         raise ConfigError(f"budget {budget} is not a multiple of {KEY}.cpi={cpi} (B pairs = images x CPI)")
     if budget // cpi > n_captions:
-        raise ConfigError(f"budget {budget} needs {budget // cpi} prompts but the train split has {n_captions} captions")
+        raise ConfigError(f"budget {budget} needs {budget // cpi} prompts but the train split has "
+                          f"{n_captions} captions")
     return budget // cpi
 
 
@@ -93,8 +94,13 @@ def caption_features(ctx: Any, captions: list[list[str]], rows: torch.Tensor,
     return torch.cat(out).float()
 
 
-def edge_set(ctx: Any) -> EdgeOutput:
-    """Run the three phases for `ctx` (a registry MethodContext) and build the synthetic set."""
+def edge_set(ctx: Any, finetune_store: Any | None = None) -> EdgeOutput:
+    """Run the three phases for `ctx` (a registry MethodContext) and build the synthetic set.
+
+    The fine-tuned UNet does not depend on the budget (same data, settings and seed), so a store
+    shared by every budget of a (dataset, settings) can be passed as `finetune_store`; by default
+    the fine-tune is checkpointed in `ctx.checkpoints` with the other phases.
+    """
     settings: EdgeSettings = ctx.settings
     params, device, protocol = ctx.params, ctx.device, ctx.params.protocol
     split = load_split(params, ctx.dataset, "train")
@@ -112,7 +118,7 @@ def edge_set(ctx: Any) -> EdgeOutput:
             raise ConfigError(f"{KEY}.clip_model: its vocabulary ({clip.config.text_config.vocab_size}) is smaller "
                               f"than the tokenizer of {KEY}.base_model ({len(parts.tokenizer)}), whose ids it reads")
         tuned = finetune(parts, clip, split.images, split.captions, split.txt2img, settings.finetune, protocol,
-                         finetune_seed, ctx.checkpoints, ctx.log_metrics)
+                         finetune_seed, finetune_store or ctx.checkpoints, ctx.log_metrics)
         del clip
     record_seconds("finetune", tuned["seconds"], device, metrics)
     metrics["finetune_steps"] = float(len(tuned["history"]))

@@ -29,7 +29,9 @@ ENUMERATOR = re.compile(r"^\s*(?:\d+[.)]|[-*•])\s*")
 
 
 def instruction(n_new: int) -> str:
-    return "Describe the image in one sentence." if n_new == 1 else f"Describe the image briefly in {n_new} different ways."
+    if n_new == 1:
+        return "Describe the image in one sentence."
+    return f"Describe the image briefly in {n_new} different ways."
 
 
 def parse_reply(reply: str, n_new: int) -> list[str]:

@@ -60,11 +60,10 @@ def load_diffusion(name: str, dtype: torch.dtype, device: torch.device, key: str
     return parts
 
 
-def load_clip(name: str, dtype: torch.dtype, device: torch.device, key: str = "clip_model",
-              vocab_size: int | None = None) -> torch.nn.Module:
+def load_clip(name: str, dtype: torch.dtype, device: torch.device, key: str = "clip_model") -> torch.nn.Module:
     """A frozen transformers CLIPModel (e.g. openai/clip-vit-base-patch32) in eval mode."""
     if name == TINY:
-        model = tiny_clip(vocab_size or len(tiny_tokenizer()))
+        model = tiny_clip(len(tiny_tokenizer()))
     else:
         from transformers import CLIPModel
 
