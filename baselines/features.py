@@ -1,10 +1,14 @@
-"""What the selectors read about the pool of train pairs: expert embeddings and forgetting counts.
+"""What the selectors read about the pool of train pairs: expert embeddings, forgetting counts and
+pair scores.
 
 A pair is one caption row j of the train split: image txt2img[j] with caption j. Feature-based
 selectors use the trained expert `select.expert_index` (last snapshot of its trajectory): the
 L2-normalised image embedding of each image, encoded once in eval mode and float32, and the
-L2-normalised text embedding of each caption's frozen text features. Both are loaded lazily, so a
-selector only pays for what it reads (random reads nothing, forgetting only the count files).
+L2-normalised text embedding of each caption's frozen text features. The pair score of CLIP-score
+filtering is the cosine of a real CLIP model's image and caption embeddings when `select.clip_model`
+names one (scorer `clip`), else the expert's image-caption cosine (scorer `expert_cosine`). All are
+loaded lazily, so a selector only pays for what it reads (random reads nothing, forgetting only the
+count files).
 """
 
 from __future__ import annotations
@@ -37,10 +41,17 @@ class PairEmbeddings:
         return F.normalize(torch.cat([self.image[self.txt2img], self.text], dim=1), dim=1)
 
     @cached_property
-    def clip_scores(self) -> torch.Tensor:
+    def pair_cosines(self) -> torch.Tensor:
         """(n_pairs,) cosine of each pair's image and caption embeddings."""
         return torch.cat([(self.image[self.txt2img[s:s + 65536]] * self.text[s:s + 65536]).sum(1)
                           for s in range(0, len(self.text), 65536)])
+
+
+@dataclass
+class PairScores:
+    scores: torch.Tensor  # (n_pairs,) agreement of each pair's image and caption
+    scorer: str  # "clip" (a real CLIP model) or "expert_cosine" (fallback: the expert's cosine)
+    source: str
 
 
 @dataclass
@@ -54,10 +65,12 @@ class PairPool:
     """The candidate pairs; embeddings and forgetting counts are produced on first access."""
 
     def __init__(self, n_pairs: int, load_embeddings: Callable[[], PairEmbeddings],
-                 load_forgetting: Callable[[], ForgettingRecord]) -> None:
+                 load_forgetting: Callable[[], ForgettingRecord],
+                 load_clip_scores: Callable[[], PairScores] | None = None) -> None:
         self.n_pairs = n_pairs
         self._load_embeddings = load_embeddings
         self._load_forgetting = load_forgetting
+        self._load_clip_scores = load_clip_scores
 
     @cached_property
     def embeddings(self) -> PairEmbeddings:
@@ -67,10 +80,24 @@ class PairPool:
     def forgetting(self) -> ForgettingRecord:
         return self._load_forgetting()
 
+    @cached_property
+    def pair_scores(self) -> PairScores:
+        """A real CLIP's scores when one is configured, else the expert's cosine (named so)."""
+        if self._load_clip_scores is not None:
+            return self._load_clip_scores()
+        emb = self.embeddings
+        return PairScores(emb.pair_cosines, "expert_cosine", f"expert cosine ({emb.source})")
+
+    @property
+    def pair_scorer(self) -> str | None:
+        """`clip` or `expert_cosine` once pair scores were read, else None."""
+        return self.__dict__["pair_scores"].scorer if "pair_scores" in self.__dict__ else None
+
     @property
     def feature_source(self) -> str:
         """What the selection actually read (only what was loaded)."""
-        loaded = [self.__dict__[name].source for name in ("embeddings", "forgetting") if name in self.__dict__]
+        names = ("embeddings", "forgetting", "pair_scores")
+        loaded = list(dict.fromkeys(self.__dict__[name].source for name in names if name in self.__dict__))
         return "; ".join(loaded) or "none (uniform sampling)"
 
 
@@ -121,3 +148,36 @@ def load_forgetting_record(experts: list[Path], n_pairs: int) -> ForgettingRecor
             into.append(torch.as_tensor(values).to(dtype))
     return ForgettingRecord(torch.stack(events), torch.stack(learned),
                             source=f"forgetting events of {len(files)} experts")
+
+
+@torch.inference_mode()
+def clip_pair_scores(model, image_processor, tokenizer, images: np.ndarray, captions: list[str],
+                     txt2img: np.ndarray, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """(n_pairs,) cosine of CLIP's image embedding of image txt2img[j] and text embedding of caption j
+    (the CLIPScore of Hessel et al. up to its affine rescaling, which does not change a ranking)."""
+    image, text = [], []
+    for s in range(0, len(images), batch_size):
+        batch = list(torch.from_numpy(np.array(images[s:s + batch_size])))  # uint8 (3, S, S) each
+        pixels = image_processor(images=batch, return_tensors="pt")["pixel_values"].to(device, model.dtype)
+        image.append(F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1).cpu())
+    for s in range(0, len(captions), batch_size):
+        tokens = tokenizer(captions[s:s + batch_size], padding=True, truncation=True, return_tensors="pt").to(device)
+        text.append(F.normalize(model.get_text_features(**tokens).pooler_output.float(), dim=-1).cpu())
+    return (torch.cat(image)[torch.as_tensor(np.asarray(txt2img))] * torch.cat(text)).sum(1)
+
+
+def load_clip_scores(name: str, images: np.ndarray, captions: list[str], txt2img: np.ndarray,
+                     device: torch.device) -> PairScores:
+    """Score the pool with the transformers CLIPModel `select.clip_model` (hub id or local folder)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    from lors.hub import load_pretrained
+
+    key = "select.clip_model"
+    model = load_pretrained(key, name, lambda n, local: CLIPModel.from_pretrained(n, local_files_only=local))
+    processor = load_pretrained(key, name, lambda n, local: AutoImageProcessor.from_pretrained(
+        n, local_files_only=local))
+    tokenizer = load_pretrained(key, name, lambda n, local: AutoTokenizer.from_pretrained(n, local_files_only=local))
+    log.info("scoring %d pairs with CLIP %s", len(captions), name)
+    scores = clip_pair_scores(model.to(device).eval(), processor, tokenizer, images, captions, txt2img, device)
+    return PairScores(scores, "clip", f"CLIP {name}")

@@ -34,8 +34,8 @@ SELECTORS: dict[str, Selector] = {
     "herding": Selector(select_herding, ("embeddings",)),
     "kcenter": Selector(select_kcenter, ("embeddings",)),
     "forgetting": Selector(select_forgetting, ("forgetting",)),
-    "vas": Selector(select_vas, ("embeddings",)),
-    "clip_score": Selector(select_clip_score, ("embeddings",)),
+    "vas": Selector(select_vas, ("embeddings", "pair_scores")),
+    "clip_score": Selector(select_clip_score, ("pair_scores",)),
 }
 
 

@@ -3,7 +3,8 @@
 Variance Alignment Score of a pair: <Sigma_target, f f^T> = f^T Sigma_target f, with f the pair's
 L2-normalised image embedding under the trained expert and Sigma_target = mean of f f^T over every
 train pair (the paper's uncentred "variance" of the target distribution). The filter first keeps the
-top `select.vas_clip_fraction` of the pool by CLIP score, then the top-`budget` of those by VAS.
+top `select.vas_clip_fraction` of the pool by CLIP score (a real CLIP when `select.clip_model` names
+one, as in the paper; else the expert's cosine), then the top-`budget` of those by VAS.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def select_vas(pool: PairPool, budget: int, generator: torch.Generator, config: 
     if kept_count < budget:
         raise ConfigError(f"select.vas_clip_fraction={clip_fraction} keeps {kept_count} of {pool.n_pairs} pairs, "
                           f"fewer than the budget {budget}")
-    kept = rank_descending(emb.clip_scores, generator)[:kept_count]
+    pair = pool.pair_scores
+    kept = rank_descending(pair.scores, generator)[:kept_count]
     # every train pair is one sample of the target, so each image weighs as many times as it has captions
     images_per_pair = torch.bincount(emb.txt2img, minlength=len(emb.image))
     sigma = second_moment(emb.image, images_per_pair)

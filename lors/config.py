@@ -111,6 +111,7 @@ class DistillConfig(BaseModel):
 class SelectConfig(Strict):
     expert_index: int = 0  # which expert provides the embeddings for feature-based selectors
     vas_clip_fraction: float = Field(0.5, gt=0, le=1)  # CLIP-score filter kept before VAS ranking
+    clip_model: str | None = None  # CLIP scoring pairs for clip_score and VAS's filter; None: expert cosine
 
 
 class EvalSettings(Strict):

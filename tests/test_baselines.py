@@ -10,8 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from baselines import SELECTORS, get_selector
-from lors.stages.select import run_selection
-from baselines.features import ForgettingRecord, PairEmbeddings, PairPool
+from baselines.clip_score import select_clip_score
+from baselines.features import ForgettingRecord, PairEmbeddings, PairPool, PairScores
 from baselines.forgetting import forgetting_order
 from baselines.herding import herding
 from baselines.kcenter import kcenter_greedy
@@ -20,6 +20,7 @@ from baselines.vas import second_moment, select_vas, vas_scores
 from lors.config import SelectConfig
 from lors.data.transforms import normalize
 from lors.errors import ConfigError
+from lors.stages.select import run_selection
 from lors.synset import SyntheticSet
 
 
@@ -130,7 +131,7 @@ def test_vas_keeps_clip_filtered_pairs_with_the_highest_vas():
     pool = pool_of()
     emb = pool.embeddings
     selection = select_vas(pool, 10, torch.Generator().manual_seed(0), SelectConfig(vas_clip_fraction=0.3))
-    kept = set(torch.argsort(emb.clip_scores, descending=True)[:60].tolist())  # ceil(0.3 * 200)
+    kept = set(torch.argsort(emb.pair_cosines, descending=True)[:60].tolist())  # ceil(0.3 * 200)
     assert set(selection.indices.tolist()) <= kept
     per_pair = torch.stack([emb.image[i] @ second_moment(emb.image[emb.txt2img]) @ emb.image[i]
                             for i in emb.txt2img.tolist()])
@@ -229,7 +230,9 @@ def test_selection_is_written_as_a_synthetic_set(staged, method):
         assert synset.meta[key] == value
     metrics = json.loads((path.parent / "metrics.json").read_text())
     assert metrics["pool_size"] == 36 and metrics["selection_seconds"] >= 0
-    assert metrics["feature_source"] == ("none (uniform sampling)" if method == "random" else "test")
+    sources = {"random": "none (uniform sampling)", "herding": "test", "vas": "test; expert cosine (test)"}
+    assert metrics["feature_source"] == sources[method]
+    assert metrics["pair_scorer"] == synset.meta["pair_scorer"] == ("expert_cosine" if method == "vas" else None)
     assert run_selection(params, "embedded", 8, method) == path
     assert SyntheticSet.load(path).meta["indices"] == rows  # same seed, same pairs
 
@@ -274,3 +277,71 @@ def test_every_method_on_the_embedded_default_end_to_end(tmp_path):
     assert "expert_000" in sets["herding"].meta["feature_source"]
     result = evaluate_synset(params, sets["herding"], "embedded", progress=False)
     assert 0 <= result["summary"]["best"]["r_mean"]["mean"] <= 100
+
+
+# -- real CLIP pair scores -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIP with its image processor and tokenizer saved as a local model folder."""
+    from transformers import CLIPImageProcessor
+
+    from lors.edge.models import tiny_clip, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip") / "tiny-clip"
+    tokenizer = tiny_tokenizer()
+    tiny_clip(len(tokenizer), image_size=16).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_clip_pair_scores_equal_one_pair_at_a_time(clip_folder):
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+    from baselines.features import load_clip_scores
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 16, 16), generator=g, dtype=torch.uint8).numpy()
+    captions = ["a red circle", "two blue squares on grass", "a star", "a cat", "three dots", "a cross"]
+    txt2img = np.array([0, 0, 1, 2, 3, 3])
+    scores = load_clip_scores(str(clip_folder), images, captions, txt2img, torch.device("cpu"))
+    assert scores.scorer == "clip" and scores.scores.shape == (6,)
+    model = CLIPModel.from_pretrained(clip_folder).eval()
+    processor, tokenizer = AutoImageProcessor.from_pretrained(clip_folder), AutoTokenizer.from_pretrained(clip_folder)
+    with torch.no_grad():
+        for j, caption in enumerate(captions):
+            pixels = processor(images=torch.from_numpy(images[txt2img[j]]), return_tensors="pt")["pixel_values"]
+            image = model.get_image_features(pixel_values=pixels).pooler_output[0]
+            text = model.get_text_features(**tokenizer([caption], return_tensors="pt")).pooler_output[0]
+            assert float(scores.scores[j]) == pytest.approx(float(F.cosine_similarity(image, text, dim=0)), abs=1e-5)
+
+
+def test_clip_score_uses_the_configured_clip_else_names_the_expert_fallback():
+    fallback = pool_of()
+    selection = select_clip_score(fallback, 10, torch.Generator().manual_seed(0), SelectConfig())
+    assert fallback.pair_scorer == "expert_cosine"
+    assert set(selection.indices.tolist()) == set(torch.argsort(fallback.embeddings.pair_cosines,
+                                                                descending=True)[:10].tolist())
+    scores = torch.linspace(0, 1, fallback.n_pairs)
+    clip = PairPool(fallback.n_pairs, fallback._load_embeddings, fallback._load_forgetting,
+                    load_clip_scores=lambda: PairScores(scores, "clip", "CLIP test"))
+    assert select_clip_score(clip, 5, torch.Generator().manual_seed(0), SelectConfig()).indices.tolist() == \
+        list(range(fallback.n_pairs - 1, fallback.n_pairs - 6, -1))
+    assert clip.pair_scorer == "clip" and "embeddings" not in clip.__dict__
+    kept = select_vas(clip, 5, torch.Generator().manual_seed(0), SelectConfig(vas_clip_fraction=0.5))
+    assert all(int(i) >= fallback.n_pairs // 2 for i in kept.indices)
+
+
+def test_select_stage_records_the_clip_scorer(tiny_params, clip_folder):
+    from lors.data.prepare import prepare_dataset
+    from lors.data.text_features import embed_dataset
+
+    tiny_params.select.clip_model = str(clip_folder)
+    prepare_dataset(tiny_params, "embedded")
+    embed_dataset(tiny_params, "embedded")
+    synset = SyntheticSet.load(run_selection(tiny_params, "embedded", 5, "clip_score"))
+    assert synset.meta["pair_scorer"] == "clip" and "CLIP" in synset.meta["feature_source"]
+    tiny_params.select.clip_model = str(clip_folder.parent / "missing")
+    with pytest.raises(ConfigError, match="^select.clip_model: "):
+        run_selection(tiny_params, "embedded", 5, "clip_score")

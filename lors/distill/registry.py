@@ -73,6 +73,7 @@ def register(method: DistillMethod) -> DistillMethod:
 
 def methods() -> dict[str, DistillMethod]:
     """Every registered method; the built-in ones register when their modules are first imported."""
+    import lors.distill.edge  # noqa: F401
     import lors.distill.lors  # noqa: F401
     import lors.distill.mtt_vl  # noqa: F401
     import lors.distill.tesla_vl  # noqa: F401
@@ -87,9 +88,18 @@ def get_method(name: str) -> DistillMethod:
     return known[name]
 
 
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on `base` key by key, nested blocks (EDGE's finetune, sampling) merged the same way."""
+    merged = dict(base)
+    for key, value in over.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(
+            merged.get(key), dict) else value
+    return merged
+
+
 def _merged(params: Params, method: str, dataset: str, budget: int) -> dict[str, Any]:
     block = params.distill.block(method)
-    return {**block.default, **block.settings.get(dataset, {}).get(budget, {})}
+    return _deep_merge(block.default, block.settings.get(dataset, {}).get(budget, {}))
 
 
 def resolve_settings(params: Params, method: str, dataset: str, budget: int) -> Any:

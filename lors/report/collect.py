@@ -79,9 +79,10 @@ def collect_results(params: Params, dataset: str):
             rows.append({"dataset": dataset, "budget": budget, "method": method, "arch": arch,
                          "selection": selection, "metric": metric, "mean": float(summary[metric]["mean"]),
                          "std": float(summary[metric]["std"]), "protocol": data.get("protocol", params.protocol),
-                         "eval_protocol": eval_protocol, "path": str(path)})
+                         "eval_protocol": eval_protocol, "pair_scorer": data.get("pair_scorer", ""),
+                         "path": str(path)})
     return pd.DataFrame(rows, columns=["dataset", "budget", "method", "arch", "selection", "metric", "mean",
-                                       "std", "protocol", "eval_protocol", "path"])
+                                       "std", "protocol", "eval_protocol", "pair_scorer", "path"])
 
 
 KEY = ["dataset", "budget", "method", "metric"]

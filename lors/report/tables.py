@@ -12,11 +12,13 @@ METRIC_NAMES = {"ir1": "IR@1", "ir5": "IR@5", "ir10": "IR@10", "tr1": "TR@1", "t
                 "r_mean": "Mean"}
 METHOD_NAMES = {"random": "Random", "herding": "Herding", "kcenter": "K-Center", "forgetting": "Forgetting",
                 "vas": "VAS", "clip_score": "CLIP-Score", "mtt_vl": "MTT-VL", "tesla_vl": "TESLA-VL",
-                "lors": "LoRS", WHOLE: "Whole dataset"}
+                "lors": "LoRS", "edge": "EDGE", WHOLE: "Whole dataset"}
 
 
-def method_name(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+def method_name(method: str, pair_scorer: str = "") -> str:
+    """The table name; coresets scored by the expert stand-in for CLIP say so."""
+    name = METHOD_NAMES.get(method, method)
+    return f"{name} (expert cosine)" if pair_scorer == "expert_cosine" else name
 
 
 EVAL_PROTOCOLS = {"lors": "LoRS", "vl_distill": "VL-Distill", "whole": "expert-recipe"}
@@ -52,6 +54,7 @@ def results_table(results, params: Params, dataset: str) -> Table:
     arch = source_arch(params)
     rows = results[(results["dataset"] == dataset) & (results["arch"] == arch)]
     cells = {(r.method, r.budget, r.metric): (r.mean, r.std) for r in rows.itertuples()}
+    scorers = {r.method: r.pair_scorer for r in rows.itertuples()}
     budgets = sorted({b for m, b, _ in cells if m != WHOLE})
     whole = {metric: v for (m, _, metric), v in cells.items() if m == WHOLE}
     blocks = [[m for m in params.grid.select_methods if any(k[0] == m for k in cells)],
@@ -65,7 +68,7 @@ def results_table(results, params: Params, dataset: str) -> Table:
     for block in blocks:
         section = []
         for method in block:
-            row = [Cell(method_name(method))]
+            row = [Cell(method_name(method, scorers.get(method, "")))]
             for budget in budgets:
                 for metric in METRICS:
                     value = cells.get((method, budget, metric))

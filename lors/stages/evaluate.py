@@ -84,6 +84,8 @@ def run_evaluation(params: Params, dataset: str, budget: int, method: str, arch:
             result = evaluate_synset(params, synset, dataset, arch, settings=settings, checkpoints=store,
                                      on_network=on_network)
         result = {"dataset": dataset, "budget": budget, "method": method, **result}
+        if synset is not None and "pair_scorer" in synset.meta:  # clip_score / vas: a real CLIP or the fallback
+            result["pair_scorer"] = synset.meta["pair_scorer"]
         write_json(out, result)
         tracker.set_tags({"text_transfer": result["text_transfer"], "eval_protocol": result["eval_protocol"]})
         tracker.log_params({"n_pairs": result["n_pairs"], "lr_img": result["lr_img"], "lr_txt": result["lr_txt"]})

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baselines.features import PairPool, load_expert_embeddings, load_forgetting_record
+from baselines.features import PairPool, load_clip_scores, load_expert_embeddings, load_forgetting_record
 from baselines.ranking import Selection
 from baselines.registry import get_selector
 from lors.config import Params
@@ -69,7 +69,9 @@ def run_selection(params: Params, dataset: str, budget: int, method: str) -> Pat
         n_pairs,
         load_embeddings=lambda: load_expert_embeddings(params, experts, split.images, text_features,
                                                        split.txt2img, device),
-        load_forgetting=lambda: load_forgetting_record(experts, n_pairs))
+        load_forgetting=lambda: load_forgetting_record(experts, n_pairs),
+        load_clip_scores=None if params.select.clip_model is None else lambda: load_clip_scores(
+            params.select.clip_model, split.images, split.captions, split.txt2img, device))
     out_dir = Layout(params.work_dir).synset(dataset, budget, method)
     tags = {"dataset": dataset, "method": method, "budget": budget}
     with stage_run(params, "select", f"select/{dataset}/{method}-{budget}", tags) as tracker:
@@ -89,7 +91,7 @@ def run_selection(params: Params, dataset: str, budget: int, method: str) -> Pat
         meta = {"dataset": dataset, "budget": budget, "method": method, "seed": params.seed,
                 "image_encoder": params.model.image_encoder, "text_encoder": params.text_encoder.name,
                 "image_size": int(split.images.shape[-1]), "protocol": params.protocol,
-                "feature_source": pool.feature_source}
+                "feature_source": pool.feature_source, "pair_scorer": pool.pair_scorer}
         synset = coreset_synset(split.images, text_features, split.txt2img, selection.indices,
                                 params.experts.lr_img, params.experts.lr_txt, meta)
         path = out_dir / FILENAME
@@ -97,7 +99,8 @@ def run_selection(params: Params, dataset: str, budget: int, method: str) -> Pat
         chosen_images = np.unique(np.asarray(split.txt2img)[selection.indices.cpu().numpy()])
         metrics = {"selection_seconds": selection_seconds, "feature_seconds": feature_seconds,
                    "pool_size": n_pairs, "n_unique_images": int(len(chosen_images)), **selection.stats}
-        write_json(out_dir / "metrics.json", {**metrics, "feature_source": pool.feature_source})
+        write_json(out_dir / "metrics.json", {**metrics, "feature_source": pool.feature_source,
+                                              "pair_scorer": pool.pair_scorer})
         tracker.log_metrics(metrics)
         tracker.log_artifact(out_dir / "metrics.json")
         if tracker.active:
