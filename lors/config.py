@@ -125,6 +125,14 @@ class EvaluateConfig(Strict):
     amp: bool = True  # bf16 autocast for test encoding on GPU
     loss: Literal["wbce", "bce", "ence"] = "wbce"  # soft contrastive loss against the set's similarity
     whole_epochs: int = Field(10, ge=1)  # "whole dataset" upper bound: expert-recipe epochs on the train split
+    # tied scores in recall@K (lors.retrieval): auto = the authors' argsort order under `protocol: reference`,
+    # pessimistic (ties count against the query) under clean; records carry the other rule's numbers too
+    ties: Literal["auto", "pessimistic", "argsort"] = "auto"
+
+    def tie_rule(self, protocol: str) -> Literal["pessimistic", "argsort"]:
+        if self.ties != "auto":
+            return self.ties
+        return "argsort" if protocol == "reference" else "pessimistic"
 
 
 class TrackingConfig(Strict):

@@ -28,13 +28,14 @@ from safetensors.torch import safe_open, save_file
 from tqdm import tqdm
 
 from lors.config import Params
-from lors.data.augment import train_augment
+from lors.data.augment import protocol_translate_px, train_augment
 from lors.data.image_store import gather_images
 from lors.data.transforms import normalize, to_unit
 from lors.errors import ConfigError, DataError
 from lors.io import atomic_path, sha256_file, slug, write_json
 from lors.losses import infonce
 from lors.models import DualEncoder, FlatParams, build_dual_encoder, check_image_encoder_name
+from lors.models.dual import shared_backbone_seed
 from lors.paths import Layout
 from lors.retrieval import test_retrieval
 from lors.runtime import SEEDS_PER_RUN, member_seed, resolve_device, rng_state, seed_everything, set_rng_state
@@ -92,7 +93,7 @@ def make_expert_optimizer(model: DualEncoder, lr_img: float, lr_txt: float) -> t
 def train_contrastive_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer, images: np.ndarray | torch.Tensor,
                             text_features: torch.Tensor, txt2img: np.ndarray, *, batch_size: int,
                             generator: torch.Generator, device: torch.device, augment: bool = True,
-                            amp: bool = False, channels_last: bool = False,
+                            amp: bool = False, channels_last: bool = False, translate_px: float | None = None,
                             on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> float:
     """One epoch of symmetric InfoNCE over caption rows (shuffled with `generator`, last partial
     batch dropped, as the reference loader); returns the mean loss.
@@ -113,7 +114,7 @@ def train_contrastive_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer
         rows = order[step * batch_size:(step + 1) * batch_size]
         pixels = to_unit(gather_images(images, txt2img[rows]).to(device, non_blocking=True))
         if augment:
-            pixels = train_augment(pixels, generator)
+            pixels = train_augment(pixels, generator, translate_px=translate_px)
         pixels = normalize(pixels)
         if channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -212,10 +213,13 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
                  device: torch.device) -> dict[str, Any]:
     """Train (or resume) one expert and write its trajectory and forgetting files; return its meta."""
     cfg, fp = params.experts, job.fingerprint
+    ties = params.evaluate.tie_rule(params.protocol)
     epochs, seed = fp["epochs"], fp["seed"]
     seed_everything(seed)
     model = build_dual_encoder(params.model.image_encoder, train.text_features.shape[1], params.model.pretrained,
-                               params.model.temperature, params.model.text_head_dropout).to(device)
+                               params.model.temperature, params.model.text_head_dropout,
+                               shared_backbone_seed(params.protocol, params.model.pretrained,
+                                                    member_seed(params.seed, 0))).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_expert_optimizer(model, cfg.lr_img, cfg.lr_txt)
@@ -256,16 +260,16 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
             losses.append(train_contrastive_epoch(
                 model, optimizer, train.images, train.text_features, train.txt2img, batch_size=cfg.batch_size,
                 generator=generator, device=device, augment=cfg.augment, amp=cfg.amp,
-                channels_last=cfg.channels_last, on_batch=on_batch))
+                channels_last=cfg.channels_last, translate_px=protocol_translate_px(params.protocol), on_batch=on_batch))
             bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
             if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < epochs:
                 history.append({"epoch": epoch, **test_retrieval(model, test.images, test.text_features,
-                                                                 test.txt2img, device, amp=cfg.amp)})
+                                                                 test.txt2img, device, amp=cfg.amp, ties=ties)})
                 log.info("expert %d epoch %d: r_mean %.2f", job.index, epoch, history[-1]["r_mean"])
             snapshots.append(_snapshot(model, layouts))
             checkpoint.save(epoch, snapshots[-1], training_state())
 
-    metrics = test_retrieval(model, test.images, test.text_features, test.txt2img, device, amp=cfg.amp)
+    metrics = test_retrieval(model, test.images, test.text_features, test.txt2img, device, amp=cfg.amp, ties=ties)
     history.append({"epoch": epochs, **metrics})
     counts = forgetting.state_dict()
     meta = {**fp, "index": job.index, "text_dim": train.text_features.shape[1], "losses": losses,
@@ -372,6 +376,7 @@ def _fingerprint(params: Params, dataset: str, index: int, epochs: int) -> dict[
             "image_size": params.dataset(dataset).image_size, "epochs": epochs,
             "seed": member_seed(params.seed, index), "lr_img": e.lr_img, "lr_txt": e.lr_txt,
             "batch_size": e.batch_size, "augment": e.augment, "amp": e.amp, "channels_last": e.channels_last,
+            "translate_px": protocol_translate_px(params.protocol), "protocol": params.protocol,
             "prepared_manifest_sha256": _manifest_hash(layout.prepared(dataset)),
             "text_features_manifest_sha256": _manifest_hash(layout.text_features(dataset, params.text_encoder.name))}
 

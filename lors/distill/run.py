@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -217,10 +218,11 @@ def build_learnable_set(params: Params, dataset: str, budget: int, method: str, 
         images, texts = noise_init(n, split.images.shape[-1], features.shape[1], generator)
         rows = None
     else:
-        from lors.data.augment import train_augment
+        from lors.data.augment import protocol_translate_px, train_augment
 
+        augment = partial(train_augment, translate_px=protocol_translate_px(params.protocol))
         images, texts, rows = real_init(split.images, split.txt2img, features, n, generator,
-                                        None if setting.no_aug else train_augment)
+                                        None if setting.no_aug else augment)
     return LearnableSet(images, texts, build_method_similarity(method, setting, n), setting.init_lr), rows
 
 
