@@ -35,7 +35,7 @@ def main() -> None:
     repo = args.authors_repo.resolve()
     args.out = args.out.resolve()
     os.chdir(args.workdir)
-    shims.install(str(repo), args.text_model, args.text_dim, args.image_dim)
+    shims.install(str(repo), args.text_model, args.text_dim, args.image_dim, str(args.out))
     # their scripts set no seed: seed every generator they draw from, once, before they start
     random.seed(args.seed)
     np.random.seed(args.seed)

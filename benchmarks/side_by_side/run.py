@@ -67,6 +67,11 @@ def subset_data(args) -> Path:
     return folder
 
 
+def _evals_per_net(args) -> int:
+    """The authors evaluate a network at epochs 0, E//10, ..., E (evaluate_synset_with_similarity)."""
+    return len(range(0, args.eval_epochs + 1, args.eval_epochs // 10))
+
+
 def authors_pipeline(args, seed: int) -> dict:
     """buffer.py (experts) then distill_tesla_lors.py (LoRS, evaluated at iteration 0 and the last)."""
     from lors.data.text_features import resolve_encoder_source
@@ -97,7 +102,7 @@ def authors_pipeline(args, seed: int) -> dict:
     buffer = json.loads((work / "buffer.json").read_text())
     distill = json.loads((work / "distill.json").read_text())
     evals = distill["itm_eval"]
-    per_net = len(range(0, args.eval_epochs + 1, args.eval_epochs // 10))
+    per_net = _evals_per_net(args)
     if len(evals) != 2 * args.num_eval * per_net:
         sys.exit(f"authors s{seed}: {len(evals)} evaluations, expected {2 * args.num_eval * per_net}")
     nets = [evals[k * per_net:(k + 1) * per_net] for k in range(2 * args.num_eval)]
@@ -155,6 +160,31 @@ def lors_pipeline(args, seed: int) -> dict:
     return result
 
 
+def finished_part(args, pipeline: str, seed: int) -> dict | None:
+    """For --table-only: a run's result, or its experts' alone when only they have finished."""
+    folder = args.work / ("authors" if pipeline == "authors" else f"lors-{args.protocol}") / f"s{seed}"
+    if (folder / "result.json").is_file():
+        return json.loads((folder / "result.json").read_text())
+    if pipeline == "authors" and (folder / "buffer.json").is_file():
+        part = {"experts": json.loads((folder / "buffer.json").read_text())["itm_eval"]}
+        if (folder / "distill.json").is_file():  # stopped early (their loop breaks on a NaN loss)
+            evals, per_net = json.loads((folder / "distill.json").read_text())["itm_eval"], _evals_per_net(args)
+            nets = [evals[k * per_net:(k + 1) * per_net] for k in range(len(evals) // per_net)]
+            part["random"] = nets[:args.num_eval]
+            if len(nets) == 2 * args.num_eval:
+                part["lors"] = nets[args.num_eval:]
+        return part
+    manifests = list((folder / "work" / DATASET / "experts").glob("*/manifest.json"))
+    if pipeline != "lors" or not manifests:
+        return None
+    part = {"experts": [e["metrics"] for e in json.loads(manifests[0].read_text())["experts"]],
+            "ties": args.ties_of_lors}
+    for method in ("lors", "random"):
+        for path in (folder / "work" / DATASET / "eval" / f"{method}-{args.pairs}").glob("*.json"):
+            part[method] = [net["test"] for net in json.loads(path.read_text())["networks"]]
+    return part
+
+
 def _rule(entry: dict, rule: str, primary: str | None) -> dict:
     """One evaluation's metrics under `rule`: the authors' records carry both rules by name; lors-bench's
     carry the primary rule unprefixed and the other one prefixed."""
@@ -172,11 +202,14 @@ def rows(result: dict, authors: bool) -> dict[str, list[float]]:
     primary = None if authors else result["ties"]
     out = {}
     for rule in TIE_RULES:
-        out[f"lors/{rule}"] = best_r_mean(result["lors"], rule, primary)
-        out[f"random/{rule}"] = best_r_mean(result["random"], rule, primary)
+        for name in ("lors", "random"):
+            if name in result:
+                out[f"{name}/{rule}"] = best_r_mean(result[name], rule, primary)
         out[f"experts/{rule}"] = [_rule(e, rule, primary)["r_mean"] for e in result["experts"]]
     if authors:  # the authors' own itm_eval numbers: must equal the argsort rule
-        out["lors/authors-itm_eval"] = [max(e["authors"]["r_mean"] for e in c) for c in result["lors"]]
+        out["experts/authors-itm_eval"] = [e["authors"]["r_mean"] for e in result["experts"]]
+        if "lors" in result:
+            out["lors/authors-itm_eval"] = [max(e["authors"]["r_mean"] for e in c) for c in result["lors"]]
     return out
 
 
@@ -211,6 +244,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help="use N of the train images (default: all)")
     parser.add_argument("--table-only", action="store_true", help="print the finished runs, start none")
     args = parser.parse_args()
+    args.ties_of_lors = "argsort" if args.protocol == "reference" else "pessimistic"  # evaluate.ties: auto
     if "authors" in args.pipelines and not args.table_only and (args.authors_repo is None or not (args.authors_repo / "buffer.py").is_file()):
         sys.exit("--authors-repo: give a checkout of silicx/LoRS_Distill (a folder with buffer.py)")
     if not (args.data / "flickr30k_train.json").is_file():
@@ -223,10 +257,12 @@ def main() -> None:
     for pipeline in args.pipelines:
         name = "authors" if pipeline == "authors" else f"lors-bench ({args.protocol})"
         for seed in args.seeds:
-            folder = "authors" if pipeline == "authors" else f"lors-{args.protocol}"
-            if args.table_only and not (args.work / folder / f"s{seed}" / "result.json").is_file():
-                continue
-            raw = authors_pipeline(args, seed) if pipeline == "authors" else lors_pipeline(args, seed)
+            if args.table_only:
+                raw = finished_part(args, pipeline, seed)
+                if raw is None:
+                    continue
+            else:
+                raw = authors_pipeline(args, seed) if pipeline == "authors" else lors_pipeline(args, seed)
             results.setdefault(name, []).append(rows(raw, pipeline == "authors"))
     (args.work / "side_by_side.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                              "rows": results}, indent=1))

@@ -3,7 +3,9 @@
 Installed in the authors' process before their script runs (`install`), never written into their
 files. Each shim replaces something this machine lacks or that only names a file/device:
 
-- CUDA: `.to('cuda')` on tensors and modules goes to the CPU (their `args.device` is already 'cpu');
+- CUDA: `.to('cuda')` on tensors and modules goes to the CPU (their `args.device` is already 'cpu'),
+  and `.cpu()` of a CPU tensor returns a copy, as it does from the GPU: buffer.py snapshots the live
+  parameters with `p.detach().cpu()`, which on a CPU would alias them (every saved epoch = the last);
 - wandb: a recorder with init/log/finish (their numbers are read from what they log);
 - clip, kornia: empty modules (imported, used only for the CLIP text encoder and DSA, both off);
 - scipy.ndimage.interpolation: the old alias of scipy.ndimage (removed in recent SciPy);
@@ -22,6 +24,7 @@ files. Each shim replaces something this machine lacks or that only names a file
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from typing import Any
@@ -55,7 +58,12 @@ def _patch_cuda() -> None:
             kwargs["device"] = _cpu(kwargs["device"])
         return module_to(self, *args, **kwargs)
 
-    torch.Tensor.to, torch.nn.Module.to = t_to, m_to
+    tensor_cpu = torch.Tensor.cpu
+
+    def t_cpu(self, *args, **kwargs):
+        return self.clone() if self.device.type == "cpu" else tensor_cpu(self, *args, **kwargs)
+
+    torch.Tensor.to, torch.nn.Module.to, torch.Tensor.cpu = t_to, m_to, t_cpu
 
 
 def _wandb() -> types.ModuleType:
@@ -84,8 +92,9 @@ def _text_model(path: str):
     return BertModel.from_pretrained(path), BertTokenizer.from_pretrained(path)
 
 
-def install(authors_repo: str, text_model_path: str, text_dim: int, image_dim: int) -> None:
-    """Install every shim, then import the authors' modules that need patching."""
+def install(authors_repo: str, text_model_path: str, text_dim: int, image_dim: int, record_path: str) -> None:
+    """Install every shim, then import the authors' modules that need patching; what they log is
+    written to `record_path` after every evaluation (a run stopped midway keeps its evaluations)."""
     sys.path.insert(0, authors_repo)
     _patch_cuda()
     sys.modules["wandb"] = _wandb()
@@ -128,6 +137,8 @@ def install(authors_repo: str, text_model_path: str, text_dim: int, image_dim: i
         result = itm_eval(scores_i2t, scores_t2i, txt2img, img2txt)
         RECORD["itm_eval"].append({"authors": {k: float(v) for k, v in result.items()},
                                    **both_rules(scores_i2t, scores_t2i, txt2img)})
+        with open(record_path, "w") as fh:
+            json.dump(RECORD, fh)
         return result
 
     authors_epoch.itm_eval = recorded_itm_eval
