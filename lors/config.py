@@ -135,6 +135,14 @@ class EvaluateConfig(Strict):
     text_transfer: Literal["reference", "nearest_caption"] = "reference"
     amp: bool = True  # bf16 autocast for test encoding on GPU
     whole_epochs: int = Field(10, ge=1)  # "whole dataset" upper bound: expert-recipe epochs on the train split
+    # tied scores in recall@K (lors.retrieval): auto = the authors' argsort order under `protocol: reference`,
+    # pessimistic (ties count against the query) under clean; records carry the other rule's numbers too
+    ties: Literal["auto", "pessimistic", "argsort"] = "auto"
+
+    def tie_rule(self, protocol: str) -> Literal["pessimistic", "argsort"]:
+        if self.ties != "auto":
+            return self.ties
+        return "argsort" if protocol == "reference" else "pessimistic"
     stacked: bool = False  # train the num_eval networks at once (lors.evaluation.stacked)
     default: EvalSettings = EvalSettings()
     # per-method overrides of `default`, key by key, applied under `protocol: reference` only (the authors

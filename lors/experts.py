@@ -27,7 +27,7 @@ from safetensors.torch import safe_open
 from tqdm import tqdm
 
 from lors.config import Params
-from lors.data.augment import train_augment
+from lors.data.augment import protocol_translate_px, train_augment
 from lors.data.image_store import gather_images
 from lors.data.transforms import normalize, to_unit
 from lors.checkpoints import CheckpointStore
@@ -35,8 +35,9 @@ from lors.errors import ConfigError, DataError
 from lors.io import atomic_path, save_safetensors
 from lors.losses import infonce
 from lors.models import DualEncoder, FlatParams, build_dual_encoder
+from lors.models.dual import shared_backbone_seed
 from lors.retrieval import test_retrieval
-from lors.runtime import rng_state, seed_everything, set_rng_state
+from lors.runtime import member_seed, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def make_expert_optimizer(model: DualEncoder, lr_img: float, lr_txt: float) -> t
 def train_contrastive_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer, images: np.ndarray | torch.Tensor,
                             text_features: torch.Tensor, txt2img: np.ndarray, *, batch_size: int,
                             generator: torch.Generator, device: torch.device, augment: bool = True,
-                            amp: bool = False, channels_last: bool = False,
+                            amp: bool = False, channels_last: bool = False, translate_px: float | None = None,
                             on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> float:
     """One epoch of symmetric InfoNCE over caption rows (shuffled with `generator`, last partial
     batch dropped, as the reference loader); returns the mean loss.
@@ -98,7 +99,7 @@ def train_contrastive_epoch(model: DualEncoder, optimizer: torch.optim.Optimizer
         rows = order[step * batch_size:(step + 1) * batch_size]
         pixels = to_unit(gather_images(images, txt2img[rows]).to(device, non_blocking=True))
         if augment:
-            pixels = train_augment(pixels, generator)
+            pixels = train_augment(pixels, generator, translate_px=translate_px)
         pixels = normalize(pixels)
         if channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
@@ -183,10 +184,13 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
     """Train (or resume) one expert and write its trajectory and forgetting files; return its meta.
     `log_metrics(metrics, epoch)` sees each epoch's loss (and retrieval when measured)."""
     cfg, fp = params.experts, job.fingerprint
+    ties = params.evaluate.tie_rule(params.protocol)
     epochs, seed = fp["epochs"], fp["seed"]
     seed_everything(seed)
     model = build_dual_encoder(params.model.image_encoder, train.text_features.shape[1], params.model.pretrained,
-                               params.model.temperature, params.model.text_head_dropout).to(device)
+                               params.model.temperature, params.model.text_head_dropout,
+                               shared_backbone_seed(params.protocol, params.model.pretrained,
+                                                    member_seed(params.seed, 0))).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_expert_optimizer(model, cfg.lr_img, cfg.lr_txt)
@@ -226,12 +230,12 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
             losses.append(train_contrastive_epoch(
                 model, optimizer, train.images, train.text_features, train.txt2img, batch_size=cfg.batch_size,
                 generator=generator, device=device, augment=cfg.augment, amp=cfg.amp,
-                channels_last=cfg.channels_last, on_batch=on_batch))
+                channels_last=cfg.channels_last, translate_px=protocol_translate_px(params.protocol), on_batch=on_batch))
             bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
             epoch_metrics = {"loss": losses[-1]}
             if cfg.eval_every and epoch % cfg.eval_every == 0 and epoch < epochs:
                 history.append({"epoch": epoch, **test_retrieval(model, test.images, test.text_features,
-                                                                 test.txt2img, device, amp=cfg.amp)})
+                                                                 test.txt2img, device, amp=cfg.amp, ties=ties)})
                 log.info("expert %d epoch %d: r_mean %.2f", job.index, epoch, history[-1]["r_mean"])
                 epoch_metrics.update({f"test_{k}": v for k, v in history[-1].items() if k != "epoch"})
             if log_metrics is not None:
@@ -239,7 +243,7 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
             snapshots.append(_snapshot(model, layouts))
             _save_epoch(job.checkpoints, epoch, snapshots[-1], training_state())
 
-    metrics = test_retrieval(model, test.images, test.text_features, test.txt2img, device, amp=cfg.amp)
+    metrics = test_retrieval(model, test.images, test.text_features, test.txt2img, device, amp=cfg.amp, ties=ties)
     history.append({"epoch": epochs, **metrics})
     counts = forgetting.state_dict()
     meta = {**fp, "index": job.index, "text_dim": train.text_features.shape[1], "losses": losses,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from lors.data.augment import (FILL, autocontrast, equalize, random_resized_crop_boxes, resized_crop,
-                               train_augment)
+from lors.data.augment import (FILL, autocontrast, equalize, protocol_translate_px, random_resized_crop_boxes,
+                               resized_crop, train_augment)
 from lors.errors import ConfigError
 
 NO_CROP = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0), "flip_p": 0.0}
@@ -122,6 +122,22 @@ def test_translate_moves_by_five_pixels_at_224_and_fills_grey(axis):
             torch.testing.assert_close(o[..., :k], torch.full_like(o[..., :k], FILL), atol=1e-5, rtol=0)
             signs.add(-1)
     assert signs == {-1, +1}
+
+
+@pytest.mark.parametrize("translate_px, shift", [(10.0, 5), (None, 0)])
+def test_translate_in_absolute_pixels_at_32_px(translate_px, shift):
+    # reference: BLIP's 10 px at the top level whatever the size (5 px at M=5 on a 32 px image);
+    # clean: scaled with the size (5 * 32/224 = 0.71 px, a sub-pixel blend, never a whole-pixel shift)
+    s = 32
+    x = x_ramp(8, s)
+    out = train_augment(x, gen(1), **only("TranslateX"), translate_px=translate_px)
+    interior = slice(6, s - 6)
+    moved = (out[..., interior] - x[..., interior]).abs().mean(dim=(1, 2, 3)) * s  # mean shift in pixels
+    if shift:
+        torch.testing.assert_close(moved, torch.full_like(moved, float(shift)), atol=1e-3, rtol=0)
+    else:
+        assert bool(((moved - 5 * s / 224).abs() < 1e-3).all())
+    assert protocol_translate_px("reference") == 10.0 and protocol_translate_px("clean") is None
 
 
 def test_shear_x_shifts_row_y_by_level_times_y():

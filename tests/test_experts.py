@@ -17,9 +17,10 @@ from lors.experts import (ForgettingCounter, PairedSplit, load_trajectory, make_
                           train_contrastive_epoch)
 from lors.stages.experts import expert_paths, run_expert
 from lors.models import FlatParams, build_dual_encoder
+from lors.models.dual import shared_backbone_seed
 from lors.paths import Layout
 from lors.retrieval import test_retrieval
-from lors.runtime import seed_everything
+from lors.runtime import member_seed, seed_everything
 from tests.conftest import tiny_params_dict
 
 SIZE, DIM = 16, 12
@@ -139,7 +140,9 @@ def test_stage_writes_trajectories_and_forgetting_in_one_folder_per_expert(tmp_p
         assert traj.meta["image_encoder"] == "test_nfnet" and traj.meta["text_encoder"] == "minilm"
         assert traj.meta["text_dim"] == DIM
         seed_everything(seed)
-        fresh = build_dual_encoder("test_nfnet", DIM, False, params.model.temperature, params.model.text_head_dropout)
+        # under reference every expert's random-init backbone is the run's one draw (lors.models.dual)
+        fresh = build_dual_encoder("test_nfnet", DIM, False, params.model.temperature, params.model.text_head_dropout,
+                                   shared_backbone_seed(params.protocol, False, member_seed(params.seed, 0)))
         layouts = FlatParams(fresh.image_encoder), FlatParams(fresh.text_head)
         assert traj.image.shape == (epochs + 1, layouts[0].numel) and traj.image.dtype == torch.float32
         assert traj.text.shape == (epochs + 1, layouts[1].numel)
@@ -148,7 +151,8 @@ def test_stage_writes_trajectories_and_forgetting_in_one_folder_per_expert(tmp_p
         assert not torch.equal(traj.image[1], traj.image[0]) and not torch.equal(traj.image[2], traj.image[1])
         layouts[0].load(fresh.image_encoder, traj.image[-1])
         layouts[1].load(fresh.text_head, traj.text[-1])
-        recomputed = test_retrieval(fresh, test.images, test.text_features, test.txt2img, torch.device("cpu"))
+        recomputed = test_retrieval(fresh, test.images, test.text_features, test.txt2img, torch.device("cpu"),
+                                    ties=params.evaluate.tie_rule(params.protocol))
         assert traj.meta["metrics"] == pytest.approx(recomputed)
         events = np.load(path.with_suffix(".forgetting.npy"))
         learned = np.load(path.with_suffix(".learned.npy"))

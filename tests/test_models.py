@@ -234,3 +234,26 @@ def test_text_encoder_local_folder_problems_are_one_line(tmp_path):
     (folder / "pytorch_model.bin").touch()
     assert resolve_encoder_source(str(folder)) == str(folder)
     assert resolve_encoder_source("google-bert/bert-base-uncased") == "google-bert/bert-base-uncased"  # hub id
+
+
+def test_shared_backbone_seed_gives_one_backbone_and_fresh_text_heads():
+    from lors.models.dual import shared_backbone_seed
+
+    def build(global_seed: int, backbone_seed: int | None):
+        torch.manual_seed(global_seed)
+        return build_dual_encoder("test_nfnet", 8, pretrained=False, backbone_seed=backbone_seed)
+
+    a, b = build(1, 7), build(2, 7)
+    for p, q in zip(a.image_encoder.parameters(), b.image_encoder.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)
+    assert not torch.equal(a.text_head.projection.weight, b.text_head.projection.weight)
+    c, d = build(1, None), build(2, None)
+    assert not all(torch.equal(p, q) for p, q in zip(c.image_encoder.parameters(), d.image_encoder.parameters()))
+    # the backbone draw leaves torch's RNG alone: the text head is what the seed alone would give
+    torch.manual_seed(5)
+    shared = build_dual_encoder("test_nfnet", 8, pretrained=False, backbone_seed=7)
+    torch.manual_seed(5)
+    alone = TextProjectionHead(8, 192)
+    torch.testing.assert_close(shared.text_head.projection.weight, alone.projection.weight, atol=0, rtol=0)
+    assert shared_backbone_seed("reference", False, 3) == 3
+    assert shared_backbone_seed("clean", False, 3) is None and shared_backbone_seed("reference", True, 3) is None

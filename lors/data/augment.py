@@ -10,8 +10,9 @@ applied with probability 0.5 at level M of 10, in the drawn order. Levels map as
 enhance factor (M/10)*1.8+0.1 (= 1.0, i.e. a no-op, at M=5), shear (M/10)*0.3, rotation
 (M/10)*30 degrees, translation (M/10)*10 pixels; shear, translation and rotation take a random
 sign. Geometric ops fill uncovered pixels with grey 128. Deliberate differences, all small:
-values stay float in [0, 1] between ops (no uint8 rounding); the translation is 10 pixels *at
-224 px* and scales with the image size; the crop uses PyTorch's bicubic kernel (a=-0.75, as
+values stay float in [0, 1] between ops (no uint8 rounding); by default the translation is 10
+pixels *at 224 px* and scales with the image size (`translate_px` gives BLIP's absolute pixels, the
+`reference` protocol's choice: 10 px of a 32 px image is a third of it); the crop uses PyTorch's bicubic kernel (a=-0.75, as
 torchvision's tensor resize) rather than PIL's, and its taps at the box edge read the real
 neighbouring pixels instead of replicating the edge; rotation is about the exact image centre.
 
@@ -36,6 +37,12 @@ MAX_LEVEL = 10
 FILL = 128 / 255
 TRANSLATE_PIXELS_AT_224 = 10.0  # BLIP's translate_const, in pixels of a 224 px image
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before a centre crop
+
+
+def protocol_translate_px(protocol: str) -> float | None:
+    """RandAugment's translation for a protocol: BLIP's absolute 10 px under `reference` (the authors'
+    loader, at any image size), scaled with the image size (None) under `clean`."""
+    return TRANSLATE_PIXELS_AT_224 if protocol == "reference" else None
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -97,12 +104,16 @@ def _index_to_normalised(height: int, width: int) -> torch.Tensor:
 
 
 def _inverse_maps(names: Sequence[str], signs: torch.Tensor, magnitude: float, height: int,
-                  width: int) -> torch.Tensor:
-    """(k, 3, 3) output-pixel -> input-pixel maps (index coordinates) of BLIP's cv2 warps."""
+                  width: int, translate_px: float | None = None) -> torch.Tensor:
+    """(k, 3, 3) output-pixel -> input-pixel maps (index coordinates) of BLIP's cv2 warps; the
+    translation at the top level is `translate_px` pixels, or 10 px scaled by size/224 if None."""
     level = magnitude / MAX_LEVEL
     shear = 0.3 * level
-    shift_x = TRANSLATE_PIXELS_AT_224 * level * width / 224
-    shift_y = TRANSLATE_PIXELS_AT_224 * level * height / 224
+    if translate_px is None:
+        shift_x = TRANSLATE_PIXELS_AT_224 * level * width / 224
+        shift_y = TRANSLATE_PIXELS_AT_224 * level * height / 224
+    else:
+        shift_x = shift_y = translate_px * level
     angle = math.radians(30 * level)
     cx, cy = (width - 1) / 2, (height - 1) / 2
     maps = torch.eye(3, dtype=torch.float64).repeat(len(names), 1, 1)
@@ -191,11 +202,13 @@ def _colour_op(name: str, images: torch.Tensor, magnitude: float) -> torch.Tenso
 
 def train_augment(images: torch.Tensor, generator: torch.Generator, *, scale: tuple[float, float] = (0.5, 1.0),
                   ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5, num_ops: int = 2,
-                  magnitude: float = 5, op_prob: float = 0.5, ops: Sequence[str] = OPS) -> torch.Tensor:
+                  magnitude: float = 5, op_prob: float = 0.5, ops: Sequence[str] = OPS,
+                  translate_px: float | None = None) -> torch.Tensor:
     """Randomly crop, flip and RandAugment a float batch (B, 3, S, S) in [0, 1]; same shape/device.
 
-    The defaults are the reference recipe; the knobs exist so each part can be switched off or
-    isolated (e.g. `ops=()` disables RandAugment).
+    The defaults are the reference recipe but for `translate_px` (None: scaled with the size; a
+    number: BLIP's absolute top-level shift in pixels); the knobs exist so each part can be switched
+    off or isolated (e.g. `ops=()` disables RandAugment).
     """
     unknown = [name for name in ops if name not in OPS]
     if unknown:
@@ -214,7 +227,8 @@ def train_augment(images: torch.Tensor, generator: torch.Generator, *, scale: tu
         names = [ops[k] if on else "Identity" for k, on in zip(chosen[:, slot].tolist(), applied[:, slot].tolist())]
         geometric = [i for i, name in enumerate(names) if name in GEOMETRIC]
         if geometric:
-            maps = _inverse_maps([names[i] for i in geometric], signs[geometric, slot], magnitude, height, width)
+            maps = _inverse_maps([names[i] for i in geometric], signs[geometric, slot], magnitude, height, width,
+                                 translate_px)
             index = torch.tensor(geometric, device=out.device)
             out[index] = warp_with_fill(out[index], maps)
         for name in ("AutoContrast", "Brightness", "Sharpness", "Equalize"):

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -155,10 +156,11 @@ def build_learnable_set(ctx: MethodContext, n: int, similarity: Callable[[int], 
         images, texts = noise_init(n, split.images.shape[-1], features.shape[1], ctx.generator)
         rows = None
     else:
-        from lors.data.augment import train_augment
+        from lors.data.augment import protocol_translate_px, train_augment
 
+        augment = partial(train_augment, translate_px=protocol_translate_px(ctx.params.protocol))
         images, texts, rows = real_init(split.images, split.txt2img, features, n, ctx.generator,
-                                        None if s.no_aug else train_augment)
+                                        None if s.no_aug else augment)
         rows = rows.tolist()
     return LearnableSet(images, texts, similarity(n), s.init_lr).to(ctx.device), rows
 

@@ -28,7 +28,8 @@ from lors.evaluation.texts import split_features, training_texts
 from lors.evaluation.train import (RetrievalSplit, eval_epochs, partition_epoch, run_network, synset_epoch,
                                    synset_optimizer)
 from lors.models import DualEncoder, build_dual_encoder
-from lors.runtime import member_seed, resolve_device, seed_everything
+from lors.models.dual import shared_backbone_seed
+from lors.runtime import SEEDS_PER_RUN, member_seed, resolve_device, seed_everything
 from lors.synset import SyntheticSet
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,18 @@ def _retrieval_splits(params: Params, dataset: str, arch: EvalArch, device: torc
     for name in names:
         split = load_split(params, dataset, name)
         features = split_features(params, dataset, name, arch, device)
-        splits[name] = RetrievalSplit.upload(split.images, features, split.txt2img, device)
+        splits[name] = RetrievalSplit.upload(split.images, features, split.txt2img, device,
+                                             params.evaluate.tie_rule(params.protocol))
     return splits
 
 
 def _build_model(params: Params, arch: EvalArch, text_dim: int, device: torch.device) -> DualEncoder:
     """Fresh network: ImageNet backbone if `model.pretrained`, random text head (seed torch first)."""
     return build_dual_encoder(arch.image_encoder, text_dim, params.model.pretrained, params.model.temperature,
-                              params.model.text_head_dropout).to(device)
+                              params.model.text_head_dropout,
+                              # the authors' evaluation process draws its one backbone apart from the experts'
+                              shared_backbone_seed(params.protocol, params.model.pretrained,
+                                                   member_seed(params.seed, SEEDS_PER_RUN - 1))).to(device)
 
 
 def _evaluate_networks(params: Params, train_one: Callable[[int, torch.Generator], dict], num_eval: int,
@@ -88,6 +93,7 @@ def _result(params: Params, arch: EvalArch, transfer: str, networks: list[dict],
     selections = list(networks[0]["chosen"])
     return {"arch": arch.name, "image_encoder": arch.image_encoder, "text_encoder": arch.text.name,
             "text_pooling": arch.text.pooling, "text_transfer": transfer, "protocol": params.protocol,
+            "ties": params.evaluate.tie_rule(params.protocol),
             "temperature": params.model.temperature, "pretrained": params.model.pretrained, **extra,
             "num_eval": len(networks), "seeds": [net["seed"] for net in networks],
             "summary": summarise(networks, selections), "networks": networks,
@@ -196,6 +202,7 @@ def evaluate_whole(params: Params, dataset: str, arch: str | None = None, num_ev
     """The "whole dataset" upper bound: `evaluate.whole_epochs` epochs of the expert recipe on the full
     train split (lors.experts), retrieval after every epoch, same selections and summary."""
     from lors.data import load_split
+    from lors.data.augment import protocol_translate_px
     from lors.experts import make_expert_optimizer, train_contrastive_epoch
 
     device = resolve_device(params.device)
@@ -213,7 +220,8 @@ def evaluate_whole(params: Params, dataset: str, arch: str | None = None, num_ev
         def train_epoch(epoch: int) -> float:
             return train_contrastive_epoch(model, optimizer, train.images, features, train.txt2img,
                                            batch_size=recipe.batch_size, generator=generator, device=device,
-                                           augment=recipe.augment, amp=recipe.amp, channels_last=recipe.channels_last)
+                                           augment=recipe.augment, amp=recipe.amp, channels_last=recipe.channels_last,
+                                           translate_px=protocol_translate_px(params.protocol))
 
         return run_network(model, train_epoch, epochs, splits, epochs, device, params.evaluate.amp, progress)
 

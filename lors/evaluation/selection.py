@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from lors.metrics import METRICS
+from lors.retrieval import METRICS, TIE_RULES
 
 SELECTIONS = ("best", "last", "val")
 Curve = Sequence[Mapping[str, float]]
@@ -38,10 +38,12 @@ def select_epochs(epochs: Sequence[int], test: Curve, val: Curve | None = None, 
 
 def summarise(networks: Sequence[Mapping], selections: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
     """summary[selection][metric] = {"mean", "std"} over networks of the test metrics at each chosen
-    epoch; std is the population std (np.std), as the reference logs."""
+    epoch; std is the population std (np.std), as the reference logs. The other tie rule's metrics
+    ("<rule>_<metric>", lors.retrieval) are summarised too, at the same epochs."""
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for selection in selections:
         finals = [net["final"][selection] for net in networks]
-        summary[selection] = {metric: {"mean": float(np.mean([f[metric] for f in finals])),
-                                       "std": float(np.std([f[metric] for f in finals]))} for metric in METRICS}
+        keys = [*METRICS, *(f"{rule}_{m}" for rule in TIE_RULES for m in METRICS if f"{rule}_{m}" in finals[0])]
+        summary[selection] = {key: {"mean": float(np.mean([f[key] for f in finals])),
+                                    "std": float(np.std([f[key] for f in finals]))} for key in keys}
     return summary

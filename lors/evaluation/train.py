@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from lors.losses import infonce, soft_contrastive_loss
 from lors.models import DualEncoder
-from lors.retrieval import test_retrieval
+from lors.retrieval import Ties, test_retrieval
 
 
 @dataclass
@@ -23,12 +23,13 @@ class RetrievalSplit:
     images: torch.Tensor  # uint8 (n_images, 3, S, S) on the device
     features: torch.Tensor  # (n_captions, d) frozen text features, on the device
     txt2img: torch.Tensor  # (n_captions,)
+    ties: Ties = "pessimistic"  # the rule of the recorded metrics (the other rule's come prefixed)
 
     @classmethod
     def upload(cls, images: np.ndarray | torch.Tensor, features: torch.Tensor, txt2img: np.ndarray | torch.Tensor,
-               device: torch.device) -> "RetrievalSplit":
+               device: torch.device, ties: Ties = "pessimistic") -> "RetrievalSplit":
         images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
-        return cls(images.to(device), features.float().to(device), torch.as_tensor(txt2img, dtype=torch.long))
+        return cls(images.to(device), features.float().to(device), torch.as_tensor(txt2img, dtype=torch.long), ties)
 
 
 def eval_epochs(first: int, last: int, every: int) -> list[int]:
@@ -107,7 +108,8 @@ def run_network(model: DualEncoder, train_epoch: Callable[[int], float], epochs:
             curve["epochs"].append(epoch)
             curve["loss"].append(loss)
             for name, split in splits.items():
-                curve[name].append(test_retrieval(model, split.images, split.features, split.txt2img, device, amp))
+                curve[name].append(test_retrieval(model, split.images, split.features, split.txt2img, device, amp,
+                                                  split.ties))
             eval_s += time.perf_counter() - start
     curve.update(train_s=train_s, eval_s=eval_s)
     return curve

@@ -35,6 +35,21 @@ class DualEncoder(nn.Module):
 
 
 def build_dual_encoder(image_encoder: str, text_dim: int, pretrained: bool | str, temperature: float = 0.07,
-                       text_head_dropout: float = 0.1) -> DualEncoder:
-    """Seed torch before calling: the text head (and a non-pretrained backbone) are drawn fresh."""
-    return DualEncoder(build_image_encoder(image_encoder, pretrained), text_dim, temperature, text_head_dropout)
+                       text_head_dropout: float = 0.1, backbone_seed: int | None = None) -> DualEncoder:
+    """Seed torch before calling: the text head (and a non-pretrained backbone) are drawn fresh.
+    With `backbone_seed`, the backbone is drawn from that seed instead, leaving torch's RNG as it was."""
+    if backbone_seed is None:
+        backbone = build_image_encoder(image_encoder, pretrained)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(backbone_seed)
+            backbone = build_image_encoder(image_encoder, pretrained)
+    return DualEncoder(backbone, text_dim, temperature, text_head_dropout)
+
+
+def shared_backbone_seed(protocol: str, pretrained: bool, seed: int) -> int | None:
+    """The authors build every backbone of a process by deep-copying one cached timm model
+    (LoRS:src/networks.py load_from_timm is lru_cached), so with a random-init backbone all experts of
+    a run, and all evaluation networks, start from ONE draw. `reference` keeps that (one seed per run
+    and stage); `clean` draws each network's own. Pretrained backbones are identical either way."""
+    return seed if protocol == "reference" and not pretrained else None

@@ -18,7 +18,7 @@ from lors.evaluation import parse_arch
 from lors.evaluation.protocol import evaluate_synset, evaluate_whole
 from lors.io import slug, write_json
 from lors.paths import Layout
-from lors.metrics import METRICS
+from lors.retrieval import METRICS
 from lors.synset import FILENAME, SyntheticSet
 from lors.tracking import Tracker, stage_run
 

@@ -11,6 +11,7 @@ import torch
 
 from lors.checkpoints import CheckpointStore
 from lors.config import Params
+from lors.data.augment import protocol_translate_px
 from lors.errors import ConfigError
 from lors.experts import ExpertJob, PairedSplit, expert_file, is_finished, train_expert
 from lors.io import sha256_file, sha256_json, slug
@@ -50,6 +51,8 @@ def expert_fingerprint(params: Params, dataset: str, index: int) -> dict[str, An
             "image_size": params.dataset(dataset).image_size, "epochs": e.epochs,
             "seed": member_seed(params.seed, index), "lr_img": e.lr_img, "lr_txt": e.lr_txt,
             "batch_size": e.batch_size, "augment": e.augment, "amp": e.amp, "channels_last": e.channels_last,
+            "translate_px": protocol_translate_px(params.protocol), "protocol": params.protocol,
+            "ties": params.evaluate.tie_rule(params.protocol),
             **{f"{name}_manifest_sha256": sha256_file(path) if path.is_file() else None
                for name, path in manifests.items()}}
 

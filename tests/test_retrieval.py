@@ -1,4 +1,5 @@
-"""Retrieval metrics (method.md 4.3): hand-computed cases, BLIP's loop as an independent oracle, COCO size."""
+"""Retrieval metrics (method.md 4.3): hand-computed cases, the authors' BLIP code written out as an
+independent oracle (both tie rules), COCO size."""
 
 from __future__ import annotations
 
@@ -9,8 +10,18 @@ import pytest
 import torch
 
 from lors import retrieval
-from lors.metrics import METRICS, retrieval_metrics, retrieval_metrics_from_embeddings
+from lors.config import EvaluateConfig
+from lors.retrieval import (METRICS, TIE_RULES, metrics_by_rule, retrieval_metrics,
+                            retrieval_metrics_from_embeddings)
 from lors.models import build_dual_encoder
+
+
+def _summary(ir: np.ndarray, tr: np.ndarray) -> dict[str, float]:
+    out = {f"ir{k}": 100.0 * np.mean(ir < k) for k in (1, 5, 10)} | {f"tr{k}": 100.0 * np.mean(tr < k) for k in (1, 5, 10)}
+    out["ir_mean"] = (out["ir1"] + out["ir5"] + out["ir10"]) / 3
+    out["tr_mean"] = (out["tr1"] + out["tr5"] + out["tr10"]) / 3
+    out["r_mean"] = (out["ir_mean"] + out["tr_mean"]) / 2
+    return out
 
 
 def blip_metrics(scores: np.ndarray, txt2img: np.ndarray) -> dict[str, float]:
@@ -18,11 +29,36 @@ def blip_metrics(scores: np.ndarray, txt2img: np.ndarray) -> dict[str, float]:
     img2txt = [np.flatnonzero(txt2img == i) for i in range(scores.shape[0])]
     tr = np.array([min(np.where(np.argsort(row)[::-1] == j)[0][0] for j in img2txt[i]) for i, row in enumerate(scores)])
     ir = np.array([np.where(np.argsort(scores[:, j])[::-1] == txt2img[j])[0][0] for j in range(scores.shape[1])])
-    out = {f"ir{k}": 100.0 * np.mean(ir < k) for k in (1, 5, 10)} | {f"tr{k}": 100.0 * np.mean(tr < k) for k in (1, 5, 10)}
-    out["ir_mean"] = (out["ir1"] + out["ir5"] + out["ir10"]) / 3
-    out["tr_mean"] = (out["tr1"] + out["tr5"] + out["tr10"]) / 3
-    out["r_mean"] = (out["ir_mean"] + out["tr_mean"]) / 2
-    return out
+    return _summary(ir, tr)
+
+
+def authors_metrics(scores: np.ndarray, txt2img: np.ndarray) -> dict[str, float]:
+    """The authors' evaluation as written (LoRS:src/epoch.py): `epoch_test` keeps each row's top-128
+    scores (torch topk) in a -100 matrix, once per direction, then `itm_eval` ranks by np.argsort."""
+    def top_k_matrix(sims: torch.Tensor) -> np.ndarray:
+        out = torch.full(sims.shape, -100.0, dtype=sims.dtype)
+        for i, row in enumerate(sims):
+            values, index = row.topk(k=min(128, len(row)), dim=0)
+            out[i, index] = values
+        return out.numpy()
+
+    sims = torch.from_numpy(scores)
+    i2t, t2i = top_k_matrix(sims), top_k_matrix(sims.t())
+    img2txt = {i: list(np.flatnonzero(txt2img == i)) for i in range(scores.shape[0])}
+    tr = np.zeros(i2t.shape[0])
+    for index, score in enumerate(i2t):
+        inds = np.argsort(score)[::-1]
+        rank = 1e20
+        for i in img2txt[index]:
+            tmp = np.where(inds == i)[0][0]
+            if tmp < rank:
+                rank = tmp
+        tr[index] = rank
+    ir = np.zeros(t2i.shape[0])
+    for index, score in enumerate(t2i):
+        inds = np.argsort(score)[::-1]
+        ir[index] = np.where(inds == txt2img[index])[0][0]
+    return _summary(ir, tr)
 
 
 def assert_metrics(got: dict[str, float], want: dict[str, float]) -> None:
@@ -74,11 +110,14 @@ def test_ties_count_against_the_query():
     assert metrics["ir1"] == pytest.approx(200 / 3)  # caption 1: image 0 ties with image 1 -> rank 1
 
 
-def test_nan_scores_are_misses_not_hits():
+@pytest.mark.parametrize("ties", TIE_RULES)
+def test_nan_scores_are_misses_not_hits(ties):
     scores = torch.eye(4) + 0.01 * torch.arange(16.0).view(4, 4)
     scores[2] = float("nan")
-    metrics = retrieval_metrics(scores, torch.arange(4))
+    metrics = retrieval_metrics(scores, torch.arange(4), ties=ties)
     assert metrics["tr1"] == pytest.approx(75.0) and metrics["ir1"] == pytest.approx(75.0)
+    diverged = retrieval_metrics(torch.full((12, 12), float("nan")), torch.arange(12), ties=ties)
+    assert all(diverged[k] == 0.0 for k in METRICS)
 
 
 @pytest.mark.parametrize("block", [1, 3, 7, 1024])
@@ -116,6 +155,8 @@ def test_test_retrieval_accepts_memmap_style_arrays_and_device_tensors():
     a = retrieval.test_retrieval(model, images, feats, txt2img, torch.device("cpu"))
     b = retrieval.test_retrieval(model, torch.from_numpy(images), feats, torch.from_numpy(txt2img), torch.device("cpu"))
     assert a == b and model.training  # mode restored
+    assert set(a) == set(METRICS) | {f"argsort_{m}" for m in METRICS}  # the other rule rides along, prefixed
+    a = {m: a[m] for m in METRICS}
     with torch.no_grad():
         model.eval()
         from lors.data.transforms import normalize
@@ -152,3 +193,57 @@ def test_coco_size_from_random_embeddings():
         assert got[f"ir{k}"] == pytest.approx(100 * np.mean(ir_rank < k), abs=100 / 25_010 + 1e-9)
         assert got[f"tr{k}"] == pytest.approx(100 * np.mean(tr_rank < k), abs=100 / 5000 + 1e-9)
     assert 1 < got["r_mean"] < 99
+
+
+def tied_scores(seed: int, n_images: int, per_image: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scores with many exact ties: few distinct values, and duplicate captions (equal columns), as
+    small models score the duplicated captions of ucm-captions."""
+    rng = np.random.default_rng(seed)
+    txt2img = np.repeat(np.arange(n_images), per_image)
+    scores = rng.integers(0, levels, (n_images, len(txt2img))).astype(np.float32) / levels
+    scores += (txt2img[None, :] == np.arange(n_images)[:, None]) * rng.integers(0, 2, (n_images, len(txt2img))) / levels
+    for j in rng.choice(len(txt2img), len(txt2img) // 3, replace=False):  # a third copy another caption's scores
+        scores[:, j] = scores[:, rng.integers(len(txt2img))]
+    return scores.astype(np.float32), txt2img
+
+
+@pytest.mark.parametrize("block", [1, 7, 1024])
+@pytest.mark.parametrize("shape", [(12, 3, 3), (40, 5, 4), (60, 4, 6)])  # > 128 texts: the top-128 fill matters
+def test_argsort_rule_is_the_authors_itm_eval_exactly(block, shape):
+    scores, txt2img = tied_scores(sum(shape), *shape)
+    want = authors_metrics(scores, txt2img)
+    got = retrieval_metrics(torch.from_numpy(scores), torch.from_numpy(txt2img), block=block, ties="argsort")
+    assert got == want  # exact: the same numpy call orders the tied candidates
+    pessimistic = retrieval_metrics(torch.from_numpy(scores), torch.from_numpy(txt2img), block=block)
+    assert all(pessimistic[m] <= got[m] for m in METRICS) and pessimistic["r_mean"] < got["r_mean"]
+
+
+def test_argsort_rule_on_embeddings_with_duplicates():
+    torch.manual_seed(0)
+    txt2img = torch.arange(50).repeat_interleave(5)
+    img = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
+    txt = torch.nn.functional.normalize(img[txt2img] + 0.9 * torch.randn(250, 8), dim=1)
+    img[1::2] = img[0::2]  # duplicate images and captions: bit-identical embeddings, exact ties
+    txt[5:250:10] = txt[0:250:10]
+    both = retrieval.embedding_metrics_by_rule(img, txt, txt2img, block=16)
+    assert both["argsort"] == authors_metrics((img @ txt.T).numpy(), txt2img.numpy())
+    assert both["pessimistic"] != both["argsort"]
+    assert both == metrics_by_rule(img @ txt.T, txt2img)
+
+
+def test_collapsed_model_under_each_rule():
+    n = 20
+    both = metrics_by_rule(torch.ones(n, n), torch.arange(n))
+    assert all(both["pessimistic"][k] == 0.0 for k in METRICS)
+    # argsort hands the tie to numpy's order: not 0, and exactly what the authors' code reports
+    assert both["argsort"] == authors_metrics(np.ones((n, n), dtype=np.float32), np.arange(n))
+    assert both["argsort"]["r_mean"] > 0
+
+
+def test_tie_rule_setting():
+    assert TIE_RULES == ("pessimistic", "argsort")
+    assert EvaluateConfig().tie_rule("reference") == "argsort"
+    assert EvaluateConfig().tie_rule("clean") == "pessimistic"
+    assert EvaluateConfig(ties="pessimistic").tie_rule("reference") == "pessimistic"
+    with pytest.raises(ValueError, match="tie rule"):
+        retrieval_metrics(torch.eye(3), torch.arange(3), ties="optimistic")

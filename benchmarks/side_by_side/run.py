@@ -1,0 +1,275 @@
+"""End-to-end side-by-side: the authors' LoRS scripts against lors-bench's stages on real photos.
+
+    .venv/bin/python benchmarks/side_by_side/run.py --authors-repo PATH/TO/LoRS_Distill \
+        --data ../shared/data/ucm-captions --work /tmp/sbs --seeds 0 1 2
+
+Both pipelines get the same data (a Flickr30k-Karpathy-layout folder), the same small models (timm
+test_nfnet random init, all-MiniLM-L6-v2 [CLS] features, text head 384 -> 192) and the same
+hyper-parameters (see README.md). Each pipeline/seed runs in its own folder under --work; a finished
+one is not rerun. Prints mean recall (r_mean, mean ± std over the evaluation networks) per seed under
+each tie rule, and writes everything to --work/side_by_side.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lors.retrieval import TIE_RULES  # noqa: E402
+
+DATASET = "ucm"
+
+
+def _run(cmd: list[str], log: Path, cwd: Path | None = None) -> None:
+    """Run a step once: a step whose log is marked done is skipped when the driver runs again."""
+    done_marker = log.with_suffix(".done")
+    if done_marker.is_file():
+        return
+    print("+", " ".join(map(str, cmd)), f"> {log}", flush=True)
+    with open(log, "w") as fh:
+        done = subprocess.run([str(c) for c in cmd], cwd=cwd, stdout=fh, stderr=subprocess.STDOUT,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}): {' '.join(map(str, cmd))}; see {log}")
+    done_marker.touch()
+
+
+def subset_data(args) -> Path:
+    """The data folder both pipelines read: --data itself, or (with --train-images N) a copy of its
+    json files whose train split keeps N images spread evenly over it (val and test unchanged), next
+    to a link to its images."""
+    if args.train_images is None:
+        return args.data.resolve()
+    folder = (args.work / f"data-train{args.train_images}").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = json.loads((args.data / "flickr30k_train.json").read_text())
+    images = list(dict.fromkeys(row["image"] for row in rows))
+    if not 0 < args.train_images <= len(images):
+        sys.exit(f"--train-images: between 1 and {len(images)}")
+    keep = set(images[i] for i in np.linspace(0, len(images) - 1, args.train_images).round().astype(int))
+    (folder / "flickr30k_train.json").write_text(json.dumps([row for row in rows if row["image"] in keep]))
+    for split in ("val", "test"):
+        (folder / f"flickr30k_{split}.json").write_text((args.data / f"flickr30k_{split}.json").read_text())
+    for entry in {row["image"].split("/")[0] for row in rows}:
+        if not (folder / entry).exists():
+            (folder / entry).symlink_to((args.data / entry).resolve())
+    return folder
+
+
+def _evals_per_net(args) -> int:
+    """The authors evaluate a network at epochs 0, E//10, ..., E (evaluate_synset_with_similarity)."""
+    return len(range(0, args.eval_epochs + 1, args.eval_epochs // 10))
+
+
+def authors_pipeline(args, seed: int) -> dict:
+    """buffer.py (experts) then distill_tesla_lors.py (LoRS, evaluated at iteration 0 and the last)."""
+    from lors.data.text_features import resolve_encoder_source
+
+    work = (args.work / "authors" / f"s{seed}").resolve()
+    out = work / "result.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    data = args.data_used
+    (work / "distill_utils" / "data").mkdir(parents=True, exist_ok=True)
+    link = work / "distill_utils" / "data" / "Flickr30k"  # buffer.py's __main__ hard-codes this image root
+    if not link.exists():
+        link.symlink_to(data)
+    common = [sys.executable, HERE / "authors.py", "--authors-repo", args.authors_repo.resolve(), "--workdir", work,
+              "--seed", seed, "--text-model", resolve_encoder_source("minilm"), "--text-dim", 384, "--image-dim", 192]
+    models = ["--dataset", "flickr", "--image_size", args.image_size, "--image_encoder", "test_nfnet",
+              "--text_encoder", "bert", "--ann_root", data, "--lr_teacher_img", 0.1, "--lr_teacher_txt", 0.1]
+    _run([*common, "--script", "buffer.py", "--out", work / "buffer.json", "--", *models,
+          "--num_experts", args.experts, "--train_epochs", args.expert_epochs, "--eval_freq", args.expert_epochs,
+          "--batch_size_train", 128, "--buffer_path", work / "buffers", "--loss_type", "WBCE"], work / "buffer.log")
+    _run([*common, "--script", "distill_tesla_lors.py", "--out", work / "distill.json", "--", *models,
+          "--image_root", f"{data}/", "--buffer_path", work / "buffers" / "flickr" / "test_nfnet_bert" / "WBCE",
+          "--num_queries", args.pairs, "--mini_batch_size", args.mini_batch, "--syn_steps", args.syn_steps,
+          "--expert_epochs", 1, "--max_start_epoch", 2, "--Iteration", args.iterations, "--eval_it", args.iterations,
+          "--num_eval", args.num_eval, "--epoch_eval_train", args.eval_epochs, "--lr_img", 100, "--lr_txt", 100,
+          "--lr_sim", 1, "--lr_lr", 1e-4, "--sim_type", "lowrank", "--sim_rank", 4, "--alpha", 1,
+          "--loss_type", "WBCE", "--dsa", "False", "--batch_train", 128, "--temperature", 0.07], work / "distill.log")
+    buffer = json.loads((work / "buffer.json").read_text())
+    distill = json.loads((work / "distill.json").read_text())
+    evals = distill["itm_eval"]
+    per_net = _evals_per_net(args)
+    if len(evals) != 2 * args.num_eval * per_net:
+        sys.exit(f"authors s{seed}: {len(evals)} evaluations, expected {2 * args.num_eval * per_net}")
+    nets = [evals[k * per_net:(k + 1) * per_net] for k in range(2 * args.num_eval)]
+    result = {"experts": buffer["itm_eval"], "random": nets[:args.num_eval], "lors": nets[args.num_eval:],
+              "wandb": distill["wandb"]}
+    out.write_text(json.dumps(result))
+    return result
+
+
+def lors_params(args, seed: int, work: Path) -> dict:
+    setting = {"lr_img": 100, "lr_txt": 100, "lr_sim": 1, "lr_lr": 1e-4, "rank": 4, "alpha": 1.0,
+               "mini_batch": args.mini_batch, "syn_steps": args.syn_steps, "expert_epochs": 1, "max_start_epoch": 2,
+               "iterations": args.iterations, "eval_every": 0, "init_lr": 0.1, "loss": "wbce"}
+    return {"profile": "side-by-side", "seed": seed, "protocol": args.protocol, "device": "cpu",
+            "work_dir": str(work / "work"),
+            "grid": {"datasets": [DATASET], "distill_methods": ["lors"], "distill_budgets": [args.pairs],
+                     "select_methods": ["random"], "select_budgets": [args.pairs]},
+            "datasets": {DATASET: {"kind": "flickr30k", "root": str(args.data_used),
+                                   "ann_root": str(args.data_used), "image_size": args.image_size,
+                                   "download_annotations": False}},
+            "text_encoder": {"name": "minilm", "pooling": "cls", "max_words": 30, "batch_size": 128},
+            "model": {"image_encoder": "test_nfnet", "pretrained": False, "temperature": 0.07, "text_head_dropout": 0.1},
+            "experts": {"num_experts": args.experts, "epochs": args.expert_epochs, "lr_img": 0.1, "lr_txt": 0.1,
+                        "batch_size": 128, "augment": True, "eval_every": 0},
+            "distill": {"checkpoint_every": 50, "default": setting},
+            "evaluate": {"num_eval": args.num_eval, "epochs": args.eval_epochs, "batch_size": 128,
+                         "eval_every": args.eval_epochs // 10, "loss": "wbce"},
+            "tracking": {"enabled": False}}
+
+
+def lors_pipeline(args, seed: int) -> dict:
+    """prepare -> embed-text -> experts -> distill (lors) / select (random) -> evaluate, via the CLI."""
+    work = (args.work / f"lors-{args.protocol}" / f"s{seed}").resolve()
+    out = work / "result.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    params = work / "params.yaml"
+    params.write_text(yaml.safe_dump(lors_params(args, seed, work)))
+    cli = [Path(sys.executable).parent / "lors-bench"]
+    d, b = ["-d", DATASET, "-p", params], ["-b", args.pairs]
+    for name, cmd in (("prepare", ["prepare", *d]), ("embed", ["embed-text", *d]), ("experts", ["experts", *d]),
+                      ("distill", ["distill", *d, *b, "-m", "lors"]), ("select", ["select", *d, *b, "-m", "random"]),
+                      ("eval-lors", ["evaluate", *d, *b, "-m", "lors"]),
+                      ("eval-random", ["evaluate", *d, *b, "-m", "random"])):
+        _run([*cli, *cmd], work / f"{name}.log", cwd=ROOT)
+    root = work / "work" / DATASET
+    manifest = json.loads(next((root / "experts").glob("*/manifest.json")).read_text())
+    result = {"experts": [e["metrics"] for e in manifest["experts"]]}
+    for method in ("lors", "random"):
+        evaluation = json.loads(next((root / "eval" / f"{method}-{args.pairs}").glob("*.json")).read_text())
+        result[method] = [net["test"] for net in evaluation["networks"]]
+        result["ties"] = evaluation["ties"]
+    out.write_text(json.dumps(result))
+    return result
+
+
+def finished_part(args, pipeline: str, seed: int) -> dict | None:
+    """For --table-only: a run's result, or its experts' alone when only they have finished."""
+    folder = args.work / ("authors" if pipeline == "authors" else f"lors-{args.protocol}") / f"s{seed}"
+    if (folder / "result.json").is_file():
+        return json.loads((folder / "result.json").read_text())
+    if pipeline == "authors" and (folder / "buffer.json").is_file():
+        part = {"experts": json.loads((folder / "buffer.json").read_text())["itm_eval"]}
+        if (folder / "distill.json").is_file():  # stopped early (their loop breaks on a NaN loss)
+            evals, per_net = json.loads((folder / "distill.json").read_text())["itm_eval"], _evals_per_net(args)
+            nets = [evals[k * per_net:(k + 1) * per_net] for k in range(len(evals) // per_net)]
+            part["random"] = nets[:args.num_eval]
+            if len(nets) == 2 * args.num_eval:
+                part["lors"] = nets[args.num_eval:]
+        return part
+    manifests = list((folder / "work" / DATASET / "experts").glob("*/manifest.json"))
+    if pipeline != "lors" or not manifests:
+        return None
+    part = {"experts": [e["metrics"] for e in json.loads(manifests[0].read_text())["experts"]],
+            "ties": args.ties_of_lors}
+    for method in ("lors", "random"):
+        for path in (folder / "work" / DATASET / "eval" / f"{method}-{args.pairs}").glob("*.json"):
+            part[method] = [net["test"] for net in json.loads(path.read_text())["networks"]]
+    return part
+
+
+def _rule(entry: dict, rule: str, primary: str | None) -> dict:
+    """One evaluation's metrics under `rule`: the authors' records carry both rules by name; lors-bench's
+    carry the primary rule unprefixed and the other one prefixed."""
+    if rule in entry:
+        return entry[rule]
+    return entry if rule == primary else {k[len(rule) + 1:]: v for k, v in entry.items() if k.startswith(f"{rule}_")}
+
+
+def best_r_mean(curves: list[list[dict]], rule: str, primary: str | None = None) -> list[float]:
+    """Per network: the best r_mean over its evaluated epochs under `rule` (the reference's selection)."""
+    return [max(_rule(e, rule, primary)["r_mean"] for e in curve) for curve in curves]
+
+
+def rows(result: dict, authors: bool) -> dict[str, list[float]]:
+    primary = None if authors else result["ties"]
+    out = {}
+    for rule in TIE_RULES:
+        for name in ("lors", "random"):
+            if name in result:
+                out[f"{name}/{rule}"] = best_r_mean(result[name], rule, primary)
+        out[f"experts/{rule}"] = [_rule(e, rule, primary)["r_mean"] for e in result["experts"]]
+    if authors:  # the authors' own itm_eval numbers: must equal the argsort rule
+        out["experts/authors-itm_eval"] = [e["authors"]["r_mean"] for e in result["experts"]]
+        if "lors" in result:
+            out["lors/authors-itm_eval"] = [max(e["authors"]["r_mean"] for e in c) for c in result["lors"]]
+    return out
+
+
+def table(results: dict[str, list[dict[str, list[float]]]]) -> str:
+    keys = sorted({k for per_seed in results.values() for r in per_seed for k in r})
+    lines = ["| set / tie rule | " + " | ".join(f"{p} s{i}" for p in results for i in range(len(results[p]))) + " |",
+             "|---|" + "---|" * sum(len(v) for v in results.values())]
+    for key in keys:
+        cells = [f"{np.mean(r[key]):.1f} ± {np.std(r[key]):.1f}" if key in r else "-"
+                 for per_seed in results.values() for r in per_seed]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--authors-repo", type=Path, help="a checkout of github.com/silicx/LoRS_Distill")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "ucm-captions")
+    parser.add_argument("--work", type=Path, default=Path("side_by_side_work"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pipelines", nargs="+", default=["authors", "lors"], choices=["authors", "lors"])
+    parser.add_argument("--protocol", default="reference", choices=["reference", "clean"])
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--expert-epochs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=99)
+    parser.add_argument("--mini-batch", type=int, default=33)
+    parser.add_argument("--syn-steps", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=150)
+    parser.add_argument("--num-eval", type=int, default=5)
+    parser.add_argument("--eval-epochs", type=int, default=100)
+    parser.add_argument("--train-images", type=int, help="use N of the train images (default: all)")
+    parser.add_argument("--table-only", action="store_true", help="print the finished runs, start none")
+    args = parser.parse_args()
+    args.ties_of_lors = "argsort" if args.protocol == "reference" else "pessimistic"  # evaluate.ties: auto
+    if "authors" in args.pipelines and not args.table_only and (args.authors_repo is None or not (args.authors_repo / "buffer.py").is_file()):
+        sys.exit("--authors-repo: give a checkout of silicx/LoRS_Distill (a folder with buffer.py)")
+    if not (args.data / "flickr30k_train.json").is_file():
+        sys.exit(f"--data: {args.data} has no flickr30k_train.json (Flickr30k Karpathy layout expected)")
+    if args.eval_epochs < 10 or args.eval_epochs % 10:
+        sys.exit("--eval-epochs: a multiple of 10 (the authors evaluate every epochs//10)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.data_used = subset_data(args)
+    results: dict[str, list] = {}
+    for pipeline in args.pipelines:
+        name = "authors" if pipeline == "authors" else f"lors-bench ({args.protocol})"
+        for seed in args.seeds:
+            if args.table_only:
+                raw = finished_part(args, pipeline, seed)
+                if raw is None:
+                    continue
+            else:
+                raw = authors_pipeline(args, seed) if pipeline == "authors" else lors_pipeline(args, seed)
+            results.setdefault(name, []).append(rows(raw, pipeline == "authors"))
+    (args.work / "side_by_side.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                             "rows": results}, indent=1))
+    print("r_mean (percent), mean ± std over networks (experts: over experts); "
+          "row = set / tie rule that produced it (best epoch chosen under the same rule)")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
