@@ -190,7 +190,7 @@ def measure_lors(shape: dict, sizes: Sizes, device: torch.device, option: str) -
 
 def eval_params(sizes: Sizes, device: torch.device) -> Params:
     return Params.model_validate({
-        "device": str(device), "grid": {"datasets": ["bench"]},
+        "device": str(device), "protocol": "clean", "grid": {"datasets": ["bench"]},  # clean: a backbone per network
         "datasets": {"bench": {"kind": "embedded", "image_size": sizes.image_size}},
         "model": {"image_encoder": sizes.image_encoder, "pretrained": False},
         "evaluate": {"num_eval": sizes.num_eval, "default": {"epochs": sizes.eval_epochs,

@@ -51,6 +51,20 @@ def tiny_params_dict(work_dir: Path) -> dict:
     }
 
 
+def fill_grid_cells(raw: dict) -> dict:
+    """After a test edits the grid: the `{}` entries dvc.yaml and validation need for every new cell."""
+    grid = raw["grid"]
+    for method, block in raw["distill"].items():
+        if isinstance(block, dict):
+            for dataset in grid.get("datasets", []):
+                cells = block.setdefault("settings", {}).setdefault(dataset, {})
+                for budget in grid.get("distill_budgets", [20]):
+                    cells.setdefault(budget, {})
+    for method in [*grid.get("distill_methods", ["lors", "tesla_vl", "mtt_vl"]), *grid.get("select_methods", [])]:
+        raw["evaluate"].setdefault("methods", {}).setdefault(method, {})
+    return raw
+
+
 @pytest.fixture
 def tiny_params(tmp_path: Path) -> Params:
     return Params.model_validate(tiny_params_dict(tmp_path / "work"))

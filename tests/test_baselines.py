@@ -263,7 +263,7 @@ def test_every_method_on_the_embedded_default_end_to_end(tmp_path):
     raw = tiny_params_dict(tmp_path / "work")
     raw["datasets"]["embedded"]["embedded"].update(n_train=20, n_val=10, n_test=10, captions_per_image=2)
     raw["experts"]["epochs"] = 1
-    raw["evaluate"].update(num_eval=1, epochs=2, eval_every=1)
+    raw["evaluate"].update(num_eval=1, default={"epochs": 2, "eval_every": 1})
     params = Params.model_validate(raw)
     prepare_dataset(params, "embedded")
     embed_dataset(params, "embedded")
@@ -274,7 +274,7 @@ def test_every_method_on_the_embedded_default_end_to_end(tmp_path):
         assert len(synset) == 10 and len(set(synset.meta["indices"])) == 10, method
         assert synset.meta["image_size"] == 16 and synset.images.shape == (10, 3, 16, 16)
     assert "2 experts" in sets["forgetting"].meta["feature_source"]
-    assert "expert_000" in sets["herding"].meta["feature_source"]
+    assert "expert_0.safetensors" in sets["herding"].meta["feature_source"]
     result = evaluate_synset(params, sets["herding"], "embedded", progress=False)
     assert 0 <= result["summary"]["best"]["r_mean"]["mean"] <= 100
 

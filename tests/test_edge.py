@@ -249,7 +249,15 @@ def embedded(tmp_path_factory):
 
     raw = tiny_params_dict(tmp_path_factory.mktemp("edge") / "work")
     raw["datasets"]["embedded"]["embedded"].update(n_train=12, n_val=10, n_test=10, captions_per_image=2)
-    raw["evaluate"].update(num_eval=1, epochs=2, eval_every=1)
+    raw["grid"].update(distill_methods=["edge"], distill_budgets=[6], select_methods=["random"], select_budgets=[6],
+                       cross_methods=[])
+    raw["experts"]["batch_size"] = 8
+    raw["distill"]["edge"] = {"default": {"base_model": TINY, "clip_model": TINY, "dtype": "float32",
+                                          "finetune": {"epochs": 1, "batch_size": 8, "resolution": 16, "fraction": 0.5},
+                                          "sampling": {"steps": 2, "batch_size": 4, "size": 16}},
+                              "settings": {"embedded": {6: {}}}}
+    raw["evaluate"].update(num_eval=1, default={"epochs": 2, "eval_every": 1})
+    raw["evaluate"]["methods"]["edge"] = {}
     params = Params.model_validate(raw)
     prepare_dataset(params, "embedded")
     embed_dataset(params, "embedded")
@@ -267,8 +275,10 @@ def edge_context(params, budget: int, folder: Path, **settings) -> Context:
 @pytest.mark.slow
 def test_edge_end_to_end_gives_b_pairs_deterministically_and_evaluates(embedded, tmp_path, monkeypatch):
     from lors.data import load_split, load_text_features
-    from lors.evaluate import evaluate_synset
-    from lors.synset import SyntheticSet
+    from lors.io import read_json
+    from lors.stages.distill import run_distillation
+    from lors.stages.evaluate import run_evaluation
+    from lors.stages.report import run_report
 
     out = edge_set(edge_context(embedded, 6, tmp_path / "a"))
     again = edge_set(edge_context(embedded, 6, tmp_path / "b"))
@@ -291,7 +301,11 @@ def test_edge_end_to_end_gives_b_pairs_deterministically_and_evaluates(embedded,
     assert torch.equal(cpi2.images[0], cpi2.images[1]) and cpi2.meta["captions"][1] == "a drawing of shapes"
     assert not torch.equal(cpi2.texts[0], cpi2.texts[1])
 
-    path = tmp_path / "synset.safetensors"
-    synset.save(path)
-    result = evaluate_synset(embedded, SyntheticSet.load(path), "embedded", progress=False)
+    # the registered method through the suite's stages: distill -> evaluate -> report
+    monkeypatch.undo()
+    run_distillation(embedded, "embedded", 6, "edge")
+    result = read_json(run_evaluation(embedded, "embedded", 6, "edge"))
+    assert result["method"] == "edge" and result["n_pairs"] == 6
     assert 0 <= result["summary"]["best"]["r_mean"]["mean"] <= 100
+    run_report(embedded, tmp_path / "reports")
+    assert "\nEDGE &" in (tmp_path / "reports" / "tables" / "embedded.tex").read_text()

@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tiny_params_dict
+from conftest import fill_grid_cells, tiny_params_dict
 from lors.cli import app
 from lors.errors import os_error_line
 from lors.io import read_json, save_safetensors
@@ -71,7 +71,7 @@ def _write_params(tmp_path: Path, work: Path, name: str = "params.yaml", **chang
         else:
             raw[section] = value
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(fill_grid_cells(raw)))
     return path
 
 
@@ -116,7 +116,7 @@ def _flickr_params(tmp_path: Path, root: Path, budget: int = 20) -> Path:
     raw["grid"].update(distill_budgets=[budget], select_budgets=[10])
     raw["experts"]["batch_size"] = 8
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(fill_grid_cells(raw)))
     return path
 
 

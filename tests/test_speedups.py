@@ -171,7 +171,7 @@ def test_stacked_evaluation_matches_the_pipeline_in_float32():
     """Losses and retrieval of train_stacked against lors.evaluation.protocol.train_networks_on_set (float32),
     and the pipeline's own `evaluate.stacked` switch giving the same curves."""
     params = Params.model_validate({
-        "device": "cpu", "grid": {"datasets": ["bench"]},
+        "device": "cpu", "protocol": "clean", "grid": {"datasets": ["bench"]},  # clean: one backbone per network
         "datasets": {"bench": {"kind": "embedded", "image_size": 8}},
         "model": {"image_encoder": "test_nfnet", "pretrained": False},
         "evaluate": {"num_eval": 2, "default": {"epochs": 2, "eval_every": 1, "batch_size": 6}},

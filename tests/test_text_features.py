@@ -11,7 +11,7 @@ import yaml
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from conftest import tiny_params_dict
+from conftest import fill_grid_cells, tiny_params_dict
 from lors.cli import app
 from lors.config import Params, TextEncoderConfig
 from lors.data import load_split, load_text_features
@@ -86,7 +86,7 @@ def _params_file(tmp_path: Path, pooling: str = "mean") -> Path:
     raw["experts"]["batch_size"] = 5
     raw["text_encoder"]["pooling"] = pooling
     path = tmp_path / f"params-{pooling}.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(fill_grid_cells(raw)))
     return path
 
 

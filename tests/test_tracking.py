@@ -341,6 +341,10 @@ def test_concurrent_writers_then_read_back_through_mlflow_server(tmp_path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+    names = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "mlflow.runName") for r in runs)
+    assert len(runs) == 4 and names[0].startswith("pipeline "), names  # one parent run per pipeline run
+    runs = [r for r in runs if not any(t["key"] == "mlflow.runName" and t["value"].startswith("pipeline ")
+                                       for t in r["data"]["tags"])]
     assert len(runs) == 3
     for run in runs:
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
@@ -391,7 +395,7 @@ def test_live_run_shows_metrics_while_the_stage_runs(tmp_path, tracked, monkeypa
             tracker.log_metrics({"matching_loss": 1.0 / (step + 1)}, step=step)
         monkeypatch.delitem(sys.modules, "mlflow")
         live = _live_run(params, 2)
-        assert live.info.status == "RUNNING" and live.data.params["distill.default.rank"] == "4"
+        assert live.info.status == "RUNNING" and live.data.params["distill.lors.default.rank"] == "4"
         (parent,) = _parents(params)
         assert live.data.tags[PARENT_TAG] == parent.info.run_id and parent.info.status == "RUNNING"
         tracker.log_metrics({"matching_loss": 0.25}, step=2)

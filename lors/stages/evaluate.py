@@ -71,7 +71,7 @@ def run_evaluation(params: Params, dataset: str, budget: int, method: str, arch:
     tags = {"dataset": dataset, "budget": budget, "method": method, "arch": eval_arch.name,
             "image_encoder": eval_arch.image_encoder, "text_encoder": eval_arch.text.name}
     with stage_run(params, "evaluate", name, tags=tags) as tracker:
-        tracker.log_params({"num_eval": params.evaluate.num_eval, **settings.model_dump(),
+        tracker.log_params({"num_eval": params.evaluate.num_eval, **{f"eval_{k}": v for k, v in settings.model_dump().items()},
                             "temperature": params.model.temperature, "pretrained": params.model.pretrained,
                             "text_transfer": params.evaluate.text_transfer, "seed": params.seed})
 
