@@ -264,17 +264,20 @@ def test_disk_full_while_distill_writes_a_checkpoint(tmp_path: Path) -> None:
     """Checkpoints on a full disk: one line naming the checkpoint; after freeing space distill finishes."""
     work = tmp_path / "work"
     params = str(_write_params(
-        tmp_path, work, grid={"datasets": ["embedded"], "distill_budgets": [4], "select_budgets": [4]},
+        tmp_path, work, grid={"datasets": ["embedded"], "experts": [0], "distill_methods": ["lors"], "distill_budgets": [4],
+                              "select_methods": ["random"], "select_budgets": [4]},
         datasets={"embedded": {"kind": "embedded", "image_size": 16,
                                "embedded": {"n_train": 10, "n_val": 10, "n_test": 10, "captions_per_image": 2}}},
-        experts={"num_experts": 1, "epochs": 2, "batch_size": 5},
-        distill={"checkpoint_every": 2, "default": {"iterations": 3, "eval_every": 0, "mini_batch": 4, "syn_steps": 2,
-                                                    "lr_img": 1, "lr_txt": 1, "lr_sim": 1, "lr_lr": 1e-4, "rank": 2}}))
-    for stage in ("prepare", "embed-text", "experts"):
+        experts={"epochs": 2, "batch_size": 5},
+        distill={"checkpoint_every": 2, "lors": {"default": {"iterations": 3, "mini_batch": 4, "syn_steps": 2,
+                                                             "lr_img": 1, "lr_txt": 1, "lr_sim": 1, "lr_lr": 1e-4,
+                                                             "rank": 2}}}))
+    for stage in ("prepare", "embed-text"):
         assert _cli(stage, "-d", "embedded", "-p", params).exit_code == 0, stage
+    assert _cli("experts", "-d", "embedded", "--expert", "0", "-p", params).exit_code == 0
     with _tmpfs(work / "checkpoints", "8k"):
         line = _one_line(_cli("distill", "-d", "embedded", "-b", "4", "-m", "lors", "-p", params))
-        state = work / "checkpoints" / "embedded" / "distill" / "lors-4" / "state-0000002.pt"
+        state = work / "checkpoints" / "embedded" / "distill" / "lors-4" / "latest.pt"
         assert line == f"error: {state}: {SPACE}"
         assert _temp_files(work) == []
         assert not (work / "embedded" / "synsets" / "lors-4").exists()
