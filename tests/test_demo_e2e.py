@@ -42,15 +42,20 @@ def _stale(dvc, cwd, env) -> set[str]:
     return set(json.loads(out.stdout or "{}"))
 
 
-@pytest.mark.slow
-def test_dvc_repro_demo_end_to_end(tmp_path):
+def copy_project(into: Path) -> None:
+    """The files a `dvc repro` of the pipeline needs, copied into a fresh folder."""
     for name in COPY:
-        source, target = ROOT / name, tmp_path / name
+        source, target = ROOT / name, into / name
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
             shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
         else:
             shutil.copy(source, target)
+
+
+@pytest.mark.slow
+def test_dvc_repro_demo_end_to_end(tmp_path):
+    copy_project(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(_ci_params(), sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path),

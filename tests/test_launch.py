@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,15 +218,9 @@ def test_local_executor_on_a_toy_pipeline_ends_clean_and_skips_below_a_failure(t
 
 def test_dry_run_lists_job_arrays_of_the_real_pipeline(tmp_path, capsys):
     """The pipeline's own dvc.yaml, nothing run yet: every stage planned, grouped as arrays."""
-    from tests.test_demo_e2e import COPY
+    from tests.test_demo_e2e import copy_project
 
-    for name in COPY:
-        source, target = ROOT / name, tmp_path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-        else:
-            shutil.copy(source, target)
+    copy_project(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     params = Params.model_validate(yaml.safe_load((tmp_path / "params.yaml").read_text()))
     assert launch(params, tmp_path, dry_run=True) == []
@@ -240,15 +233,9 @@ def test_dry_run_lists_job_arrays_of_the_real_pipeline(tmp_path, capsys):
 
 
 def _copy_demo(target: Path, params: dict) -> None:
-    from tests.test_demo_e2e import COPY
+    from tests.test_demo_e2e import copy_project
 
-    for name in COPY:
-        source = ROOT / name
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__", "tmp", "cache"))
-        else:
-            shutil.copy(source, target / name)
+    copy_project(target)
     (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=target, check=True)
 
