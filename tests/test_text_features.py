@@ -68,7 +68,7 @@ def test_encoder_is_deterministic_and_batch_independent(minilm: tf.TextEncoder) 
 
 
 def test_unknown_names_fail_with_one_line(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(tf, "_hub_reachable", lambda timeout=5.0: False)  # hermetic: never touch the network
+    monkeypatch.setattr("lors.hub.hub_reachable", lambda timeout=5.0: False)  # hermetic: never touch the network
     with pytest.raises(ConfigError) as info:
         tf.load_text_encoder("no-such-text-encoder-xyz", torch.device("cpu"))
     message = str(info.value)

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from tqdm import tqdm
@@ -21,6 +19,7 @@ from tqdm import tqdm
 from lors.config import Params, TextEncoderConfig
 from lors.data import SPLITS, load_split
 from lors.errors import ConfigError
+from lors.hub import load_pretrained
 from lors.io import read_json, save_safetensors, sha256_file, sha256_json, write_json
 from lors.paths import Layout
 from lors.runtime import resolve_device
@@ -69,41 +68,17 @@ def resolve_encoder_source(name: str) -> str:
     return name
 
 
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    """A quick TCP probe, so an unknown name offline fails at once instead of after minutes of retries."""
-    from huggingface_hub import constants
-
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def load_text_encoder(name: str, device: torch.device) -> TextEncoder:
     """Load tokenizer and model frozen in eval mode; an unusable name is one ConfigError line."""
     from transformers import AutoModel, AutoTokenizer
 
     source = resolve_encoder_source(name)
 
-    def load(local_only: bool) -> tuple[object, torch.nn.Module]:
-        try:
-            return (AutoTokenizer.from_pretrained(source, local_files_only=local_only),
-                    AutoModel.from_pretrained(source, local_files_only=local_only))
-        except (OSError, ValueError, KeyError) as exc:
-            reason = (str(exc).strip() or exc.__class__.__name__).splitlines()[0]
-            raise ConfigError(f"text_encoder.name: cannot load '{name}' ({reason})") from None
+    def load(path: str, local_only: bool) -> tuple[object, torch.nn.Module]:
+        return (AutoTokenizer.from_pretrained(path, local_files_only=local_only),
+                AutoModel.from_pretrained(path, local_files_only=local_only))
 
-    try:
-        tokenizer, model = load(local_only=True)
-    except ConfigError:
-        if Path(source).is_dir():
-            raise
-        if not _hub_reachable():
-            raise ConfigError(f"text_encoder.name: '{name}' is not a local folder, '{MINILM}' or a cached "
-                              "Hugging Face model, and the Hub is unreachable to download it") from None
-        tokenizer, model = load(local_only=False)
+    tokenizer, model = load_pretrained("text_encoder.name", source, load, shown=name, known=f"'{MINILM}'")
     model.requires_grad_(False)
     return TextEncoder(name, tokenizer, model.eval().to(device), device)
 
