@@ -1,13 +1,16 @@
 """Fixed cost of each stage: process start to the moment the stage starts its real work.
 
-`dvc repro` starts one process per stage (35 on the demo grid), so every second of imports is paid
-35 times. A stage's real work starts when its command hands validated params to the library; this
+`dvc repro` starts one process per stage (20 on the demo grid), so every second of imports is paid
+20 times. A stage's real work starts when its command hands validated params to the library; this
 script runs each `lors-bench` command in a fresh interpreter with `lors.config.load_params` wrapped
 to print the time and exit there, so everything imported up to that point (the CLI, the stage's
 modules, pydantic) is counted, and nothing needs data. Measured against `python -c 'import torch'`
-in the same run. The backend column is what the stage imports later, when it first builds a
-network (timm) or loads the text encoder (transformers); torch itself imports torch._dynamo on a
-network's first optimizer step, which no stage can avoid. Run from the repository root:
+in the same run. The backend column is what the stage imports next, when it first builds a network
+(timm, which pulls in torch._dynamo as every torch optimizer does) or loads the text encoder
+(transformers); "fixed" is the sum, the stage's whole cost before its first real computation. The
+numbers assume compiled bytecode (scripts/setup.sh installs with --compile-bytecode: where
+PYTHONDONTWRITEBYTECODE is set, an install without it recompiles torch and timm in every process and
+each stage pays 7-9 s instead). Run from the repository root:
     .venv/bin/python benchmarks/bench_stage_startup.py --repeats 3
 """
 
@@ -27,10 +30,10 @@ HEAVY = ("torch", "timm", "torchvision", "torch._dynamo", "transformers", "mlflo
 STAGES = [
     ("prepare", ["prepare", "--dataset", "embedded"], None),
     ("embed-text", ["embed-text", "--dataset", "embedded"], "from transformers import AutoModel"),
-    ("experts", ["experts", "--dataset", "embedded"], "import timm"),
-    ("distill", ["distill", "--dataset", "embedded", "--budget", "20", "--method", "lors"], "import timm"),
-    ("select", ["select", "--dataset", "embedded", "--budget", "20", "--method", "herding"], "import timm"),
-    ("evaluate", ["evaluate", "--dataset", "embedded", "--budget", "20", "--method", "lors"], "import timm"),
+    ("experts", ["experts", "--dataset", "embedded", "--expert", "0"], "import timm"),
+    ("distill", ["distill", "--dataset", "embedded", "--budget", "50", "--method", "lors"], "import timm"),
+    ("select", ["select", "--dataset", "embedded", "--budget", "50", "--method", "herding"], "import timm"),
+    ("evaluate", ["evaluate", "--dataset", "embedded", "--budget", "50", "--method", "lors"], "import timm"),
     ("report", ["report", "--dataset", "embedded"], None),
 ]
 
@@ -87,10 +90,14 @@ def main() -> None:
     args = parser.parse_args()
     rows = measure(args.repeats, args.params)
     torch_s = rows[1]["to_work_s"]
-    print(f"{'stage':26s} {'to work (s)':>11s} {'- torch (s)':>11s} {'backend':>12s} {'+ (s)':>6s}  imported at work start")
+    print(f"{'stage':26s} {'to work (s)':>11s} {'- torch (s)':>11s} {'backend':>12s} {'+ (s)':>6s} {'fixed (s)':>9s}"
+          f"  imported at work start")
     for row in rows:
+        fixed = row["to_work_s"] + row["backend_s"]  # everything a stage pays before its first network or encoder
         print(f"{row['stage']:26s} {row['to_work_s']:11.2f} {row['to_work_s'] - torch_s:11.2f} "
-              f"{row.get('backend', '-'):>12s} {row['backend_s']:6.2f}  {', '.join(row['heavy']) or '-'}")
+              f"{row.get('backend', '-'):>12s} {row['backend_s']:6.2f} {fixed:9.2f}  {', '.join(row['heavy']) or '-'}")
+    worst = max(rows[2:], key=lambda row: row["to_work_s"] + row["backend_s"])
+    print(f"largest fixed cost: {worst['stage']} {worst['to_work_s'] + worst['backend_s']:.2f} s (goal: at most 3 s)")
 
 
 if __name__ == "__main__":

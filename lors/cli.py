@@ -60,6 +60,9 @@ def _stage(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        from lors.runtime import flush_denormals
+
+        flush_denormals()  # before any torch op starts the CPU thread pool
         previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
@@ -110,7 +113,7 @@ def embed_text(dataset: DatasetOpt, params: ParamsOpt = Path("params.yaml")) -> 
 
 @app.command()
 @_stage
-def experts(dataset: DatasetOpt, expert: Annotated[int, typer.Option("--expert", "-e", help="an id of experts.ids")],
+def experts(dataset: DatasetOpt, expert: Annotated[int, typer.Option("--expert", "-e", help="an expert id from grid.experts")],
             params: ParamsOpt = Path("params.yaml")) -> None:
     """Train one expert trajectory, keeping only the snapshots distillation reads."""
     from lors.stages.experts import run_expert

@@ -87,7 +87,7 @@ def test_settings_inherit_key_by_key_and_lors_knobs_stay_in_the_lors_block():
 
 def test_a_missing_cell_and_too_few_expert_epochs_are_listed_together(tmp_path):
     data = yaml.safe_load((PROFILES / "demo.yaml").read_text())
-    del data["distill"]["tesla_vl"]["settings"]["embedded"][100]
+    del data["distill"]["tesla_vl"]["settings"]["embedded"][50]
     data["distill"]["lors"]["settings"]["embedded"][50] = {"max_start_epoch": 5, "rankk": 3}
     data["grid"]["distill_methods"].append("lorz")
     data["grid"]["select_methods"].append("herdin")
@@ -95,7 +95,7 @@ def test_a_missing_cell_and_too_few_expert_epochs_are_listed_together(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_params(_write(tmp_path, data), CHECKS)
     message = str(err.value)
-    for expected in ("distill.tesla_vl.settings.embedded.100: missing",
+    for expected in ("distill.tesla_vl.settings.embedded.50: missing",
                      "distill.lors.settings.embedded.50.rankk: Extra inputs are not permitted",
                      "grid.distill_methods: unknown method 'lorz'",
                      "grid.select_methods: unknown method 'herdin'",

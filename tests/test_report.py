@@ -101,6 +101,22 @@ def test_delta_and_two_sigma_flags(fixture_params):
     }
 
 
+def test_a_zero_std_reference_does_not_flag_float_noise():
+    """A seed-for-seed rerun pinned with std 0: 1.8 reproduced as 1.7999999999999998 is no finding,
+    0.1 off is."""
+    import pandas as pd
+
+    key = {"dataset": "embedded", "budget": 50, "method": "herding", "arch": SOURCE, "selection": "val",
+           "eval_protocol": "lors", "std": 0.0}
+    results = pd.DataFrame([{**key, "metric": "tr10", "mean": 1.7999999999999998},
+                            {**key, "metric": "tr5", "mean": 1.1}])
+    reference = pd.DataFrame([{"dataset": "embedded", "budget": 50, "method": "herding", "metric": m, "value": v,
+                               "std": 0.0, "source": "pinned", "file": "expected.csv"}
+                              for m, v in (("tr10", 1.8), ("tr5", 1.0))])
+    frame = reproduction_frame(results, reference, 2.0, SOURCE)
+    assert dict(zip(frame["metric"], frame["flagged"])) == {"tr10": False, "tr5": True}
+
+
 def test_results_follow_the_grid_and_the_protocol_selection(fixture_params):
     results = collect_results(fixture_params, "flickr30k")
     assert 300 not in set(results["budget"])

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lors.experts import read_expert_meta  # noqa: E402
 from lors.retrieval import TIE_RULES  # noqa: E402
 
 DATASET = "ucm"
@@ -115,21 +116,24 @@ def authors_pipeline(args, seed: int) -> dict:
 def lors_params(args, seed: int, work: Path) -> dict:
     setting = {"lr_img": 100, "lr_txt": 100, "lr_sim": 1, "lr_lr": 1e-4, "rank": 4, "alpha": 1.0,
                "mini_batch": args.mini_batch, "syn_steps": args.syn_steps, "expert_epochs": 1, "max_start_epoch": 2,
-               "iterations": args.iterations, "eval_every": 0, "init_lr": 0.1, "loss": "wbce"}
+               "iterations": args.iterations, "init_lr": 0.1, "loss": "wbce"}
     return {"profile": "side-by-side", "seed": seed, "protocol": args.protocol, "device": "cpu",
             "work_dir": str(work / "work"),
-            "grid": {"datasets": [DATASET], "distill_methods": ["lors"], "distill_budgets": [args.pairs],
-                     "select_methods": ["random"], "select_budgets": [args.pairs]},
+            "grid": {"experts": list(range(args.experts)), "datasets": [DATASET], "distill_methods": ["lors"],
+                     "distill_budgets": [args.pairs], "select_methods": ["random"], "select_budgets": [args.pairs]},
             "datasets": {DATASET: {"kind": "flickr30k", "root": str(args.data_used),
                                    "ann_root": str(args.data_used), "image_size": args.image_size,
                                    "download_annotations": False}},
             "text_encoder": {"name": "minilm", "pooling": "cls", "max_words": 30, "batch_size": 128},
             "model": {"image_encoder": "test_nfnet", "pretrained": False, "temperature": 0.07, "text_head_dropout": 0.1},
-            "experts": {"num_experts": args.experts, "epochs": args.expert_epochs, "lr_img": 0.1, "lr_txt": 0.1,
-                        "batch_size": 128, "augment": True, "eval_every": 0},
-            "distill": {"checkpoint_every": 50, "default": setting},
-            "evaluate": {"num_eval": args.num_eval, "epochs": args.eval_epochs, "batch_size": 128,
-                         "eval_every": args.eval_epochs // 10, "loss": "wbce"},
+            "experts": {"epochs": args.expert_epochs, "lr_img": 0.1, "lr_txt": 0.1, "batch_size": 128,
+                        "augment": True, "eval_every": 0},
+            "distill": {"checkpoint_every": 50,
+                        "lors": {"default": setting, "settings": {DATASET: {args.pairs: {}}}}},
+            "evaluate": {"num_eval": args.num_eval,
+                         "default": {"epochs": args.eval_epochs, "batch_size": 128,
+                                     "eval_every": args.eval_epochs // 10, "loss": "wbce"},
+                         "methods": {"lors": {}, "random": {}}},
             "tracking": {"enabled": False}}
 
 
@@ -144,14 +148,15 @@ def lors_pipeline(args, seed: int) -> dict:
     params.write_text(yaml.safe_dump(lors_params(args, seed, work)))
     cli = [Path(sys.executable).parent / "lors-bench"]
     d, b = ["-d", DATASET, "-p", params], ["-b", args.pairs]
-    for name, cmd in (("prepare", ["prepare", *d]), ("embed", ["embed-text", *d]), ("experts", ["experts", *d]),
+    experts = [(f"expert{i}", ["experts", *d, "-e", i]) for i in range(args.experts)]
+    for name, cmd in (("prepare", ["prepare", *d]), ("embed", ["embed-text", *d]), *experts,
                       ("distill", ["distill", *d, *b, "-m", "lors"]), ("select", ["select", *d, *b, "-m", "random"]),
                       ("eval-lors", ["evaluate", *d, *b, "-m", "lors"]),
                       ("eval-random", ["evaluate", *d, *b, "-m", "random"])):
         _run([*cli, *cmd], work / f"{name}.log", cwd=ROOT)
     root = work / "work" / DATASET
-    manifest = json.loads(next((root / "experts").glob("*/manifest.json")).read_text())
-    result = {"experts": [e["metrics"] for e in manifest["experts"]]}
+    result = {"experts": [read_expert_meta(path)["metrics"]
+                          for path in sorted((root / "experts").glob("*/expert_*/expert_*.safetensors"))]}
     for method in ("lors", "random"):
         evaluation = json.loads(next((root / "eval" / f"{method}-{args.pairs}").glob("*.json")).read_text())
         result[method] = [net["test"] for net in evaluation["networks"]]

@@ -85,10 +85,14 @@ def results_table(results, params: Params, dataset: str) -> Table:
                  groups=[(f"{b} pairs", len(METRICS)) for b in budgets])
 
 
+PRINTED_ZERO = 0.05  # tables print one decimal: a smaller |Δ| shows as ±0.0
+
+
 def reproduction_frame(results, reference, sigma: float, arch: str):
     """Reproduced vs reference (published or expected) per (dataset, budget, method, metric):
     Δ = reproduced − reference, flagged when |Δ| > sigma·σ with σ the reference std where given, else the
-    reproduced std. `source` and `file` say where each reference number comes from."""
+    reproduced std, and |Δ| would not print as ±0.0 (a std of 0, e.g. a seed-for-seed rerun, must not
+    flag float noise). `source` and `file` say where each reference number comes from."""
     ours = results[results["arch"] == arch][["dataset", "budget", "method", "metric", "mean", "std", "selection",
                                              "eval_protocol"]]
     merged = ours.merge(reference[["dataset", "budget", "method", "metric", "value", "std", "source", "file"]],
@@ -96,7 +100,7 @@ def reproduction_frame(results, reference, sigma: float, arch: str):
     merged = merged.rename(columns={"mean": "reproduced", "std": "reproduced_std", "value": "reference"})
     merged["delta"] = merged["reproduced"] - merged["reference"]
     merged["sigma_used"] = merged["std_reference"].where(merged["std_reference"].notna(), merged["reproduced_std"])
-    merged["flagged"] = merged["delta"].abs() > sigma * merged["sigma_used"]
+    merged["flagged"] = (merged["delta"].abs() > sigma * merged["sigma_used"]) & (merged["delta"].abs() >= PRINTED_ZERO)
     return merged.reset_index(drop=True)
 
 
