@@ -265,3 +265,25 @@ def test_gpu_suite_tiny_runs_on_cpu_and_writes_every_key(tmp_path):
     assert result["lors_flickr100_s_per_it"] > 0 and result["lors_flickr500_s_per_it"] > 0
     assert result["eval_details"]["first_network_losses_match"]
     assert path.with_suffix(".md").read_text().count("|") > 20
+
+
+def test_every_stage_process_flushes_denormals_in_all_its_threads():
+    """The CLI sets FTZ/DAZ before any torch op, so the OpenMP workers created later inherit it: a
+    denormal product is 0 in a parallel op, as on a GPU (without the flag it is 1e-39)."""
+    probe = """
+import sys, torch
+import lors.cli
+flags = {}
+@lors.cli._stage
+def stage():
+    torch.set_num_threads(2)
+    x = torch.full((1 << 20,), 1e-39)  # big enough for a parallel kernel
+    flags["zero"] = bool(((x * 1.0) == 0).all())
+stage()
+print(flags["zero"])
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+    plain = subprocess.run([sys.executable, "-c", "import torch; x = torch.full((1 << 20,), 1e-39); "
+                            "print(bool(((x * 1.0) == 0).all()))"], capture_output=True, text=True, check=True).stdout
+    assert plain.strip() == "False"  # the flag is what makes the difference

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lors.distill.lors import n_pairs  # noqa: E402
 from lors.experts import read_expert_meta  # noqa: E402
 from lors.retrieval import TIE_RULES  # noqa: E402
 
@@ -113,6 +114,14 @@ def authors_pipeline(args, seed: int) -> dict:
     return result
 
 
+def lors_budget(args) -> int:
+    """The LoRS budget that stores `--pairs` pairs: the authors' --num_queries 99 is budget 100 (S~ is
+    charged one pair, method.md 8.5), which lors-bench's `reference` turns into 99 pairs."""
+    budget = args.pairs + 1 if args.protocol == "reference" else args.pairs
+    assert n_pairs(budget, args.protocol) == args.pairs
+    return budget
+
+
 def lors_params(args, seed: int, work: Path) -> dict:
     setting = {"lr_img": 100, "lr_txt": 100, "lr_sim": 1, "lr_lr": 1e-4, "rank": 4, "alpha": 1.0,
                "mini_batch": args.mini_batch, "syn_steps": args.syn_steps, "expert_epochs": 1, "max_start_epoch": 2,
@@ -120,7 +129,8 @@ def lors_params(args, seed: int, work: Path) -> dict:
     return {"profile": "side-by-side", "seed": seed, "protocol": args.protocol, "device": "cpu",
             "work_dir": str(work / "work"),
             "grid": {"experts": list(range(args.experts)), "datasets": [DATASET], "distill_methods": ["lors"],
-                     "distill_budgets": [args.pairs], "select_methods": ["random"], "select_budgets": [args.pairs]},
+                     "distill_budgets": [lors_budget(args)], "select_methods": ["random"],
+                     "select_budgets": [args.pairs]},
             "datasets": {DATASET: {"kind": "flickr30k", "root": str(args.data_used),
                                    "ann_root": str(args.data_used), "image_size": args.image_size,
                                    "download_annotations": False}},
@@ -129,7 +139,7 @@ def lors_params(args, seed: int, work: Path) -> dict:
             "experts": {"epochs": args.expert_epochs, "lr_img": 0.1, "lr_txt": 0.1, "batch_size": 128,
                         "augment": True, "eval_every": 0},
             "distill": {"checkpoint_every": 50,
-                        "lors": {"default": setting, "settings": {DATASET: {args.pairs: {}}}}},
+                        "lors": {"default": setting, "settings": {DATASET: {lors_budget(args): {}}}}},
             "evaluate": {"num_eval": args.num_eval,
                          "default": {"epochs": args.eval_epochs, "batch_size": 128,
                                      "eval_every": args.eval_epochs // 10, "loss": "wbce"},
@@ -147,18 +157,18 @@ def lors_pipeline(args, seed: int) -> dict:
     params = work / "params.yaml"
     params.write_text(yaml.safe_dump(lors_params(args, seed, work)))
     cli = [Path(sys.executable).parent / "lors-bench"]
-    d, b = ["-d", DATASET, "-p", params], ["-b", args.pairs]
+    d, b, lb = ["-d", DATASET, "-p", params], ["-b", args.pairs], ["-b", lors_budget(args)]
     experts = [(f"expert{i}", ["experts", *d, "-e", i]) for i in range(args.experts)]
     for name, cmd in (("prepare", ["prepare", *d]), ("embed", ["embed-text", *d]), *experts,
-                      ("distill", ["distill", *d, *b, "-m", "lors"]), ("select", ["select", *d, *b, "-m", "random"]),
-                      ("eval-lors", ["evaluate", *d, *b, "-m", "lors"]),
+                      ("distill", ["distill", *d, *lb, "-m", "lors"]), ("select", ["select", *d, *b, "-m", "random"]),
+                      ("eval-lors", ["evaluate", *d, *lb, "-m", "lors"]),
                       ("eval-random", ["evaluate", *d, *b, "-m", "random"])):
         _run([*cli, *cmd], work / f"{name}.log", cwd=ROOT)
     root = work / "work" / DATASET
     result = {"experts": [read_expert_meta(path)["metrics"]
                           for path in sorted((root / "experts").glob("*/expert_*/expert_*.safetensors"))]}
-    for method in ("lors", "random"):
-        evaluation = json.loads(next((root / "eval" / f"{method}-{args.pairs}").glob("*.json")).read_text())
+    for method, budget in (("lors", lors_budget(args)), ("random", args.pairs)):
+        evaluation = json.loads(next((root / "eval" / f"{method}-{budget}").glob("*.json")).read_text())
         result[method] = [net["test"] for net in evaluation["networks"]]
         result["ties"] = evaluation["ties"]
     out.write_text(json.dumps(result))
@@ -179,13 +189,12 @@ def finished_part(args, pipeline: str, seed: int) -> dict | None:
             if len(nets) == 2 * args.num_eval:
                 part["lors"] = nets[args.num_eval:]
         return part
-    manifests = list((folder / "work" / DATASET / "experts").glob("*/manifest.json"))
-    if pipeline != "lors" or not manifests:
+    experts = sorted((folder / "work" / DATASET / "experts").glob("*/expert_*/expert_*.safetensors"))
+    if pipeline != "lors" or not experts:
         return None
-    part = {"experts": [e["metrics"] for e in json.loads(manifests[0].read_text())["experts"]],
-            "ties": args.ties_of_lors}
-    for method in ("lors", "random"):
-        for path in (folder / "work" / DATASET / "eval" / f"{method}-{args.pairs}").glob("*.json"):
+    part = {"experts": [read_expert_meta(path)["metrics"] for path in experts], "ties": args.ties_of_lors}
+    for method, budget in (("lors", lors_budget(args)), ("random", args.pairs)):
+        for path in (folder / "work" / DATASET / "eval" / f"{method}-{budget}").glob("*.json"):
             part[method] = [net["test"] for net in json.loads(path.read_text())["networks"]]
     return part
 
