@@ -227,15 +227,34 @@ def rows(result: dict, authors: bool) -> dict[str, list[float]]:
     return out
 
 
-def table(results: dict[str, list[dict[str, list[float]]]]) -> str:
-    keys = sorted({k for per_seed in results.values() for r in per_seed for k in r})
-    lines = ["| set / tie rule | " + " | ".join(f"{p} s{i}" for p in results for i in range(len(results[p]))) + " |",
+def table(results: dict[str, dict[int, dict[str, list[float]]]]) -> str:
+    """One column per (pipeline, seed), one row per set / tie rule: mean ± std over networks."""
+    keys = sorted({k for per_seed in results.values() for r in per_seed.values() for k in r})
+    lines = ["| set / tie rule | " + " | ".join(f"{p} s{seed}" for p in results for seed in results[p]) + " |",
              "|---|" + "---|" * sum(len(v) for v in results.values())]
     for key in keys:
-        cells = [f"{np.mean(r[key]):.1f} ± {np.std(r[key]):.1f}" if key in r else "-"
-                 for per_seed in results.values() for r in per_seed]
+        cells = [f"{np.mean(r[key]):.1f} ± {np.std(r[key]):.1f}" if r.get(key) else "-"
+                 for per_seed in results.values() for r in per_seed.values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def agreement(results: dict[str, dict[int, dict[str, list[float]]]]) -> list[str]:
+    """Per row measured by both: the authors' seed means, and whether lors-bench's mean over its seeds
+    lies within their range (the issue's criterion, under one tie rule at a time)."""
+    authors, lines = results.get("authors", {}), []
+    for name, per_seed in results.items():
+        if name == "authors":
+            continue
+        for key in sorted({k for r in per_seed.values() for k in r}):
+            theirs = [float(np.mean(r[key])) for r in authors.values() if r.get(key)]
+            ours = [float(np.mean(r[key])) for r in per_seed.values() if r.get(key)]
+            if theirs and ours:
+                mean, low, high = float(np.mean(ours)), min(theirs), max(theirs)
+                verdict = "inside" if low <= mean <= high else "outside"
+                lines.append(f"{key}: authors' seed means {', '.join(f'{v:.1f}' for v in theirs)}; {name} "
+                             f"{', '.join(f'{v:.1f}' for v in ours)}, mean {mean:.1f}: {verdict} the authors' range")
+    return lines
 
 
 def main() -> None:
@@ -267,7 +286,7 @@ def main() -> None:
         sys.exit("--eval-epochs: a multiple of 10 (the authors evaluate every epochs//10)")
     args.work.mkdir(parents=True, exist_ok=True)
     args.data_used = subset_data(args)
-    results: dict[str, list] = {}
+    results: dict[str, dict[int, dict]] = {}
     for pipeline in args.pipelines:
         name = "authors" if pipeline == "authors" else f"lors-bench ({args.protocol})"
         for seed in args.seeds:
@@ -277,12 +296,13 @@ def main() -> None:
                     continue
             else:
                 raw = authors_pipeline(args, seed) if pipeline == "authors" else lors_pipeline(args, seed)
-            results.setdefault(name, []).append(rows(raw, pipeline == "authors"))
+            results.setdefault(name, {})[seed] = rows(raw, pipeline == "authors")
     (args.work / "side_by_side.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                              "rows": results}, indent=1))
     print("r_mean (percent), mean ± std over networks (experts: over experts); "
           "row = set / tie rule that produced it (best epoch chosen under the same rule)")
     print(table(results))
+    print("\n".join(agreement(results)))
 
 
 if __name__ == "__main__":
