@@ -64,16 +64,20 @@ def import_closure(start: set[str]) -> set[str]:
 
 
 def command_imports() -> dict[str, set[str]]:
-    """`lors-bench` subcommand -> the project modules its function imports."""
+    """`lors-bench` subcommand -> the project modules its function imports, plus those the `_stage`
+    wrapper around every command imports (lors.runtime: denormals flushed, which reaches every float)."""
+    def imported(node: ast.AST) -> set[str]:
+        return {n for sub in ast.walk(node) if isinstance(sub, ast.ImportFrom)
+                for n in [sub.module] if n and n.split(".")[0] in PACKAGES}
+
+    body = [n for n in ast.parse((ROOT / "lors" / "cli.py").read_text()).body if isinstance(n, ast.FunctionDef)]
+    wrapper = imported(next(n for n in body if n.name == "_stage"))
     commands = {}
-    for node in ast.parse((ROOT / "lors" / "cli.py").read_text()).body:
-        if not isinstance(node, ast.FunctionDef):
-            continue
+    for node in body:
         for decorator in node.decorator_list:
             if isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", "") == "command":
                 name = decorator.args[0].value if decorator.args else node.name.replace("_", "-")
-                commands[name] = {n for sub in ast.walk(node) if isinstance(sub, ast.ImportFrom)
-                                  for n in [sub.module] if n and n.split(".")[0] in PACKAGES}
+                commands[name] = imported(node) | wrapper
     return commands
 
 
