@@ -26,8 +26,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lors.config import load_params  # noqa: E402
 from lors.distill.lors import n_pairs  # noqa: E402
+from lors.evaluation import parse_arch  # noqa: E402
 from lors.experts import read_expert_meta  # noqa: E402
+from lors.paths import Layout  # noqa: E402
+from lors.stages.experts import expert_paths  # noqa: E402
 from lors.retrieval import TIE_RULES  # noqa: E402
 
 DATASET = "ucm"
@@ -164,14 +168,22 @@ def lors_pipeline(args, seed: int) -> dict:
                       ("eval-lors", ["evaluate", *d, *lb, "-m", "lors"]),
                       ("eval-random", ["evaluate", *d, *b, "-m", "random"])):
         _run([*cli, *cmd], work / f"{name}.log", cwd=ROOT)
-    root = work / "work" / DATASET
-    result = {"experts": [read_expert_meta(path)["metrics"]
-                          for path in sorted((root / "experts").glob("*/expert_*/expert_*.safetensors"))]}
-    for method, budget in (("lors", lors_budget(args)), ("random", args.pairs)):
-        evaluation = json.loads(next((root / "eval" / f"{method}-{budget}").glob("*.json")).read_text())
-        result[method] = [net["test"] for net in evaluation["networks"]]
-        result["ties"] = evaluation["ties"]
+    result = lors_results(args, work)
     out.write_text(json.dumps(result))
+    return result
+
+
+def lors_results(args, work: Path) -> dict:
+    """What a lors-bench run has finished so far, read through its own layout: each expert's metrics,
+    each evaluated set's per-network test curves, and the tie rule of the recorded metrics."""
+    params = load_params(work / "params.yaml")
+    layout, arch = Layout(params.work_dir), parse_arch(None, params).name
+    result = {"experts": [read_expert_meta(path)["metrics"] for path in expert_paths(params, DATASET) if path.is_file()],
+              "ties": params.evaluate.tie_rule(params.protocol)}
+    for method, budget in (("lors", lors_budget(args)), ("random", args.pairs)):
+        path = layout.evaluation(DATASET, budget, method, arch)
+        if path.is_file():
+            result[method] = [net["test"] for net in json.loads(path.read_text())["networks"]]
     return result
 
 
@@ -189,14 +201,10 @@ def finished_part(args, pipeline: str, seed: int) -> dict | None:
             if len(nets) == 2 * args.num_eval:
                 part["lors"] = nets[args.num_eval:]
         return part
-    experts = sorted((folder / "work" / DATASET / "experts").glob("*/expert_*/expert_*.safetensors"))
-    if pipeline != "lors" or not experts:
+    if pipeline != "lors" or not (folder / "params.yaml").is_file():
         return None
-    part = {"experts": [read_expert_meta(path)["metrics"] for path in experts], "ties": args.ties_of_lors}
-    for method, budget in (("lors", lors_budget(args)), ("random", args.pairs)):
-        for path in (folder / "work" / DATASET / "eval" / f"{method}-{budget}").glob("*.json"):
-            part[method] = [net["test"] for net in json.loads(path.read_text())["networks"]]
-    return part
+    part = lors_results(args, folder)
+    return part if part["experts"] else None
 
 
 def _rule(entry: dict, rule: str, primary: str | None) -> dict:
@@ -277,7 +285,6 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help="use N of the train images (default: all)")
     parser.add_argument("--table-only", action="store_true", help="print the finished runs, start none")
     args = parser.parse_args()
-    args.ties_of_lors = "argsort" if args.protocol == "reference" else "pessimistic"  # evaluate.ties: auto
     if "authors" in args.pipelines and not args.table_only and (args.authors_repo is None or not (args.authors_repo / "buffer.py").is_file()):
         sys.exit("--authors-repo: give a checkout of silicx/LoRS_Distill (a folder with buffer.py)")
     if not (args.data / "flickr30k_train.json").is_file():
