@@ -271,7 +271,7 @@ def test_every_stage_process_flushes_denormals_in_all_its_threads():
     """The CLI sets FTZ/DAZ before any torch op, so the OpenMP workers created later inherit it: a
     denormal product is 0 in a parallel op, as on a GPU (without the flag it is 1e-39)."""
     probe = """
-import sys, torch
+import torch
 import lors.cli
 flags = {}
 @lors.cli._stage
