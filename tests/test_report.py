@@ -179,6 +179,7 @@ def test_no_reference_numbers_say_so_in_the_caption(fixture_params, tmp_path):
     (tmp_path / "expected.csv").write_text("dataset,budget,method,metric,value,std,source\n")  # as shipped
     check = (build_reports(fixture_params, tmp_path / "reports") / "tables" / "embedded-reproduction.tex").read_text()
     assert "no reference numbers for its grid in report.published" in check and len(_latex_rows(check)) == 1
+    assert "no evaluations yet" not in check and "no cell to compare" in check  # the set was evaluated
 
 
 def test_malformed_evaluation_and_reference_files_are_one_line(fixture_params, tmp_path):

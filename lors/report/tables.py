@@ -24,11 +24,11 @@ def method_name(method: str, pair_scorer: str = "") -> str:
 EVAL_PROTOCOLS = {"lors": "LoRS", "vl_distill": "VL-Distill", "whole": "expert-recipe"}
 
 
-def evaluated_with(rows) -> str:
+def evaluated_with(rows, empty: str = "no evaluations yet") -> str:
     """Which evaluation protocol (and epoch) produced which rows, e.g. 'evaluated with the LoRS protocol
-    (best epoch); MTT-VL with the VL-Distill protocol (last epoch)'."""
+    (best epoch); MTT-VL with the VL-Distill protocol (last epoch)'; `empty` when there are none."""
     if not len(rows):
-        return "no evaluations yet"
+        return empty
     groups: dict[tuple[str, str], list[str]] = {}
     for r in rows.drop_duplicates(["method", "eval_protocol", "selection"]).itertuples():
         groups.setdefault((r.eval_protocol, r.selection), []).append(method_name(r.method))
@@ -39,8 +39,8 @@ def evaluated_with(rows) -> str:
     return "; ".join(parts)
 
 
-def provenance(params: Params, rows) -> str:
-    return (f"protocol {params.protocol}, profile {params.profile}, seed {params.seed}; {evaluated_with(rows)}; "
+def provenance(params: Params, rows, empty: str = "no evaluations yet") -> str:
+    return (f"protocol {params.protocol}, profile {params.profile}, seed {params.seed}; {evaluated_with(rows, empty)}; "
             f"mean ± std over {params.evaluate.num_eval} networks")
 
 
@@ -123,7 +123,7 @@ def reproduction_table(frame, params: Params, dataset: str) -> Table:
                 f"report.expected ({params.report.expected})")
     caption = (f"Reproduction check on {dataset}, {compared}. Δ = reproduced − reference, flagged "
                f"when |Δ| > {params.report.sigma:g}σ (reference std where given, else reproduced); "
-               f"{provenance(params, rows)}.")
+               f"{provenance(params, rows, empty='no cell to compare')}.")
     return Table(caption=caption, label=f"tab:{dataset}-reproduction",
                  columns=["Method", "Pairs", "Metric", "Reproduced", "Reference", "Δ", "Flag"],
                  sections=[body] if body else [])
