@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lors.errors import ConfigError
-from lors.models.pretrained import LITE0_ENCODER, LITE0_PACKAGE, load_pretrained
+from lors.models.pretrained import LITE0_ENCODER, LITE0_PACKAGE, load_image_weights
 
 
 def check_image_encoder_name(name: str) -> None:
@@ -30,7 +30,7 @@ def _pretrained_backbone(name: str, pretrained: bool | str) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         if isinstance(pretrained, str):
             model = timm.create_model(name, pretrained=False, num_classes=0)
-            load_pretrained(model, name, pretrained)
+            load_image_weights(model, name, pretrained)
             return model
         try:
             return timm.create_model(name, pretrained=True, num_classes=0)

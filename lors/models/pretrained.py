@@ -114,7 +114,7 @@ def load_lite0_package(model: nn.Module, name: str) -> None:
     model.load_state_dict(rename_by_position(backbone, model.state_dict(), origin), strict=True)
 
 
-def load_pretrained(model: nn.Module, name: str, pretrained: str) -> None:
+def load_image_weights(model: nn.Module, name: str, pretrained: str) -> None:
     """Fill `model` (timm `name`, pooled) from `pretrained`: the package name or a checkpoint path."""
     path = Path(pretrained).expanduser()
     if pretrained == LITE0_PACKAGE:
