@@ -122,7 +122,8 @@ def load_expert_embeddings(params, experts: list[Path], images: np.ndarray, text
         raise ConfigError(f"select.expert_index={index} but the grid has {len(files)} experts (grid.experts)")
     trajectory = load_trajectory(files[index])
     model = build_dual_encoder(params.model.image_encoder, text_features.shape[1], params.model.pretrained,
-                               params.model.temperature, params.model.text_head_dropout)
+                               params.model.temperature, params.model.text_head_dropout,
+                               image_trainable=params.model.image_trainable)
     FunctionalDualEncoder(model).load(trajectory.image[-1], trajectory.text[-1])
     model.to(device).eval()
     log.info("embedding %d images and %d captions with %s", len(images), len(text_features), files[index].name)

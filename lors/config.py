@@ -67,6 +67,17 @@ class ModelConfig(Strict):
         return value
     temperature: float = Field(0.07, gt=0)
     text_head_dropout: float = Field(0.1, ge=0, lt=1)
+    # the authors' --image_trainable (default True, method.md 1.1). false: the pretrained backbone is a
+    # fixed feature extractor (eval mode, never updated), so experts, students and evaluation networks
+    # train the text head only and trajectories hold only the text head (profiles/flickr8k-cpu.yaml)
+    image_trainable: bool = True
+
+    @model_validator(mode="after")
+    def _frozen_backbone_is_pretrained(self) -> "ModelConfig":
+        if not self.image_trainable and not self.pretrained:
+            raise ValueError("image_trainable: false freezes the backbone, so it needs pretrained weights "
+                             "(set model.pretrained)")
+        return self
 
 
 class ExpertsConfig(Strict):

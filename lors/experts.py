@@ -190,7 +190,8 @@ def train_expert(params: Params, job: ExpertJob, train: PairedSplit, test: Paire
     model = build_dual_encoder(params.model.image_encoder, train.text_features.shape[1], params.model.pretrained,
                                params.model.temperature, params.model.text_head_dropout,
                                shared_backbone_seed(params.protocol, params.model.pretrained,
-                                                    member_seed(params.seed, 0))).to(device)
+                                                    member_seed(params.seed, 0)),
+                               params.model.image_trainable).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_expert_optimizer(model, cfg.lr_img, cfg.lr_txt)

@@ -135,11 +135,13 @@ def distill_loop(run: TrajectoryRun, match: Match, *, protocol: str, checkpoints
 
 
 def build_student(ctx: MethodContext, text_dim: int) -> FunctionalDualEncoder:
-    """The one student network of a run, in train mode (text-head dropout active, quirk 8.7); its own
-    weights are never used: every unroll starts from an expert snapshot."""
-    params = ctx.params
-    model = build_dual_encoder(params.model.image_encoder, text_dim, pretrained=False,
-                               temperature=ctx.settings.temperature, text_head_dropout=params.model.text_head_dropout)
+    """The one student network of a run, in train mode (text-head dropout active, quirk 8.7); its
+    trainable weights are never used: every unroll starts from an expert snapshot. A frozen backbone is
+    not in the snapshots, so it is loaded with its pretrained weights."""
+    m = ctx.params.model
+    model = build_dual_encoder(m.image_encoder, text_dim, pretrained=False if m.image_trainable else m.pretrained,
+                               temperature=ctx.settings.temperature, text_head_dropout=m.text_head_dropout,
+                               image_trainable=m.image_trainable)
     return FunctionalDualEncoder(model.to(ctx.device).train())
 
 

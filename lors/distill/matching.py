@@ -59,10 +59,21 @@ def walk_batches(n: int, batch: int, steps: int, generator: torch.Generator) -> 
 
 
 def distances(segment: Segment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """delta = theta*_{s+M} - theta*_s and D = ||delta||^2 for the image and the text branch."""
+    """delta = theta*_{s+M} - theta*_s and D = ||delta||^2 for the image and the text branch.
+    A frozen backbone's branch is empty (model.image_trainable false): its D is 0 and every normalised
+    term of it 0 / D, so D is floored at the smallest normal float to make those terms 0, not NaN."""
     delta_img = segment.target_img - segment.start_img
     delta_txt = segment.target_txt - segment.start_txt
-    return delta_img, delta_txt, delta_img.square().sum(), delta_txt.square().sum()
+    tiny = torch.finfo(delta_txt.dtype).tiny
+    return delta_img, delta_txt, delta_img.square().sum().clamp_min(tiny), delta_txt.square().sum().clamp_min(tiny)
+
+
+def branch_grads(loss: torch.Tensor, theta_img: torch.Tensor, theta_txt: torch.Tensor,
+                 create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d theta for both branches; a frozen backbone's empty branch is unused and gets zeros."""
+    g_img, g_txt = torch.autograd.grad(loss, (theta_img, theta_txt), create_graph=create_graph,
+                                       allow_unused=True, materialize_grads=True)
+    return g_img, g_txt
 
 
 def step_loss(student: FunctionalDualEncoder, theta_img: torch.Tensor, theta_txt: torch.Tensor,
@@ -90,7 +101,7 @@ def loop_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas
         t_img, t_txt = theta_img.detach().requires_grad_(True), theta_txt.detach().requires_grad_(True)
         inner = step_loss(student, t_img, t_txt, syn.images[idx], syn.texts[idx], syn.similarity.matrix(idx),
                           loss, temperature)
-        g_img, g_txt = torch.autograd.grad(inner, (t_img, t_txt), create_graph=True)
+        g_img, g_txt = branch_grads(inner, t_img, t_txt, create_graph=True)
         ((coef_img * g_img).sum() + (coef_txt * g_txt).sum()).backward(inputs=data)
 
 
@@ -145,7 +156,7 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
         with torch.no_grad():
             target = syn.similarity.matrix(idx)
         inner = step_loss(student, t_img, t_txt, images[idx], texts[idx], target, loss, temperature)
-        g_img, g_txt = torch.autograd.grad(inner, (t_img, t_txt))
+        g_img, g_txt = branch_grads(inner, t_img, t_txt)
         theta_img, theta_txt = theta_img - a_img * g_img, theta_txt - a_txt * g_txt
         sum_img += g_img
         sum_txt += g_txt

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from lors.distill.matching import MatchResult, distances
+from lors.distill.matching import MatchResult, branch_grads, distances
 from lors.distill.synthetic import LearnableSet
 from lors.distill.trajectories import Segment
 from lors.losses import infonce
@@ -39,7 +39,7 @@ def mtt_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: Se
     theta_txt = segment.start_txt.detach().requires_grad_(True)
     for idx in subsets:
         inner = infonce(student.logits(theta_img, theta_txt, syn.images[idx], syn.texts[idx], temperature))
-        g_img, g_txt = torch.autograd.grad(inner, (theta_img, theta_txt), create_graph=True)
+        g_img, g_txt = branch_grads(inner, theta_img, theta_txt, create_graph=True)
         theta_img, theta_txt = theta_img - syn.lr_img * g_img, theta_txt - syn.lr_txt * g_txt
 
     _, _, dist_img, dist_txt = distances(segment)

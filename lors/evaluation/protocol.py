@@ -57,7 +57,8 @@ def _build_model(params: Params, arch: EvalArch, text_dim: int, device: torch.de
                               params.model.text_head_dropout,
                               # the authors' evaluation process draws its one backbone apart from the experts'
                               shared_backbone_seed(params.protocol, params.model.pretrained,
-                                                   member_seed(params.seed, SEEDS_PER_RUN - 1))).to(device)
+                                                   member_seed(params.seed, SEEDS_PER_RUN - 1)),
+                              params.model.image_trainable).to(device)
 
 
 def _evaluate_networks(params: Params, train_one: Callable[[int, torch.Generator], dict], num_eval: int,

@@ -1,4 +1,4 @@
-"""The paper's dual encoder: trainable image backbone + projection head on frozen text features."""
+"""The paper's dual encoder: image backbone (trainable, or frozen) + projection head on frozen text features."""
 
 from __future__ import annotations
 
@@ -15,14 +15,24 @@ class DualEncoder(nn.Module):
 
     There is no image projection: the image embedding is the pooled backbone feature itself, and the
     text head maps text features to that width (method.md 1.1-1.3). tau is fixed, never learned.
+    With `image_trainable=False` the backbone is frozen: no parameter of it requires grad and it stays
+    in eval mode (BatchNorm statistics fixed) whatever `train()` is called with.
     """
 
     def __init__(self, image_encoder: nn.Module, text_dim: int, temperature: float = 0.07,
-                 text_head_dropout: float = 0.1) -> None:
+                 text_head_dropout: float = 0.1, image_trainable: bool = True) -> None:
         super().__init__()
-        self.image_encoder = image_encoder
+        self.image_encoder = image_encoder.requires_grad_(image_trainable)
         self.text_head = TextProjectionHead(text_dim, image_feature_dim(image_encoder), text_head_dropout)
         self.temperature = temperature
+        self.image_trainable = image_trainable
+        self.train()
+
+    def train(self, mode: bool = True) -> "DualEncoder":
+        super().train(mode)
+        if not self.image_trainable:
+            self.image_encoder.eval()
+        return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_encoder(images), dim=-1)
@@ -35,16 +45,18 @@ class DualEncoder(nn.Module):
 
 
 def build_dual_encoder(image_encoder: str, text_dim: int, pretrained: bool | str, temperature: float = 0.07,
-                       text_head_dropout: float = 0.1, backbone_seed: int | None = None) -> DualEncoder:
+                       text_head_dropout: float = 0.1, backbone_seed: int | None = None,
+                       image_trainable: bool = True) -> DualEncoder:
     """Seed torch before calling: the text head (and a non-pretrained backbone) are drawn fresh.
-    With `backbone_seed`, the backbone is drawn from that seed instead, leaving torch's RNG as it was."""
+    With `backbone_seed`, the backbone is drawn from that seed instead, leaving torch's RNG as it was.
+    `image_trainable=False` freezes the backbone (model.image_trainable)."""
     if backbone_seed is None:
         backbone = build_image_encoder(image_encoder, pretrained)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(backbone_seed)
             backbone = build_image_encoder(image_encoder, pretrained)
-    return DualEncoder(backbone, text_dim, temperature, text_head_dropout)
+    return DualEncoder(backbone, text_dim, temperature, text_head_dropout, image_trainable)
 
 
 def shared_backbone_seed(protocol: str, pretrained: bool, seed: int) -> int | None:

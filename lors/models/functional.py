@@ -18,10 +18,11 @@ from lors.models.dual import DualEncoder
 
 
 class FlatParams:
-    """The parameter layout of a module: names, shapes and offsets into one flat vector."""
+    """The layout of a module's trainable parameters (requires_grad): names, shapes and offsets into one
+    flat vector. A frozen module has an empty layout; `functional_call` then uses its own parameters."""
 
     def __init__(self, module: nn.Module) -> None:
-        named = list(module.named_parameters())
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
         self.numels = [p.numel() for _, p in named]
@@ -32,6 +33,8 @@ class FlatParams:
 
     def flatten(self, module: nn.Module) -> torch.Tensor:
         params = dict(module.named_parameters())
+        if not self.names:  # frozen: an empty vector on the module's device
+            return next(module.parameters()).detach().new_empty(0)
         return torch.cat([params[n].detach().reshape(-1) for n in self.names])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
