@@ -75,11 +75,12 @@ def test_frozen_backbone_has_no_trainable_parameters_and_stays_in_eval_mode():
     assert not torch.equal(FlatParams(model.text_head).flatten(model.text_head), head)
 
 
-def test_tesla_gradient_with_a_frozen_backbone_equals_the_text_only_objective(frozen):
+@pytest.mark.parametrize("merge", [False, True])  # merged or not, the empty image branch adds nothing
+def test_tesla_gradient_with_a_frozen_backbone_equals_the_text_only_objective(frozen, merge):
     student, segment = frozen
     syn = make_set("lowrank")
     batches = walk_batches(N, 4, STEPS, torch.Generator().manual_seed(0))
-    result = tesla_iteration(student, syn, segment, batches, loss="wbce", temperature=TAU, merge_branches=False)
+    result = tesla_iteration(student, syn, segment, batches, loss="wbce", temperature=TAU, merge_branches=merge)
 
     a = syn.lr_txt.item()
     theta, total = segment.start_txt, 0

@@ -60,12 +60,16 @@ def walk_batches(n: int, batch: int, steps: int, generator: torch.Generator) -> 
 
 def distances(segment: Segment) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """delta = theta*_{s+M} - theta*_s and D = ||delta||^2 for the image and the text branch.
-    A frozen backbone's branch is empty (model.image_trainable false): its D is 0 and every normalised
-    term of it 0 / D, so D is floored at the smallest normal float to make those terms 0, not NaN."""
+    A frozen backbone's branch is empty (model.image_trainable false): it has nothing to match, so its
+    D is 1 and its normalised terms (sums over no entries) are 0, not 0/0. An expert that did not move
+    keeps D = 0 and a non-finite loss."""
     delta_img = segment.target_img - segment.start_img
     delta_txt = segment.target_txt - segment.start_txt
-    tiny = torch.finfo(delta_txt.dtype).tiny
-    return delta_img, delta_txt, delta_img.square().sum().clamp_min(tiny), delta_txt.square().sum().clamp_min(tiny)
+    return delta_img, delta_txt, _squared_norm(delta_img), _squared_norm(delta_txt)
+
+
+def _squared_norm(delta: torch.Tensor) -> torch.Tensor:
+    return delta.square().sum() if delta.numel() else delta.new_ones(())
 
 
 def branch_grads(loss: torch.Tensor, theta_img: torch.Tensor, theta_txt: torch.Tensor,
@@ -163,8 +167,8 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
 
     delta_img, delta_txt, dist_img, dist_txt = distances(segment)
     resid_img, resid_txt = a_img * sum_img + delta_img, a_txt * sum_txt + delta_txt
-    if merge_branches:
-        denom_img = denom_txt = dist_img + dist_txt
+    if merge_branches:  # ||delta||^2 over both branches (an empty branch adds nothing)
+        denom_img = denom_txt = delta_img.square().sum() + delta_txt.square().sum()
         matching = (resid_img.square().sum() + resid_txt.square().sum()) / denom_img
     else:
         denom_img, denom_txt = dist_img, dist_txt
