@@ -203,11 +203,12 @@ def test_retrieval(model: DualEncoder, images: np.ndarray | torch.Tensor, text_f
                    txt2img: np.ndarray | torch.Tensor, device: torch.device, amp: bool = True,
                    ties: Ties = "pessimistic") -> dict[str, float]:
     """Retrieval metrics (percent) of `model` in eval mode under `ties`, plus the other rule's as
-    "<rule>_<metric>"; restores the previous train/eval mode."""
+    "<rule>_<metric>"; restores the previous train/eval mode. 2-D `images` are taken as their
+    embeddings already (a frozen backbone's, computed once: lors.evaluation.protocol)."""
     was_training = model.training
     model.eval()
     try:
-        img = encode_images(model, images, device, amp=amp)
+        img = images.to(device) if images.ndim == 2 else encode_images(model, images, device, amp=amp)
         txt = encode_texts(model, text_features, device)
     finally:
         model.train(was_training)

@@ -21,6 +21,7 @@ from lors.distill.trajectories import Segment
 from lors.experts import make_expert_optimizer, train_contrastive_epoch
 from lors.losses import infonce, soft_contrastive_loss
 from lors.models import DualEncoder, FlatParams, FunctionalDualEncoder, build_dual_encoder
+from lors.retrieval import encode_images, test_retrieval
 from lors.similarity import build_similarity
 
 N, STEPS, TAU = 10, 3, 0.07
@@ -125,3 +126,22 @@ def test_mtt_gradient_with_a_frozen_backbone_equals_the_text_only_unroll(frozen)
 def test_a_frozen_backbone_needs_pretrained_weights():
     with pytest.raises(ValueError, match="image_trainable: false freezes the backbone"):
         ModelConfig(image_encoder="test_nfnet", pretrained=False, image_trainable=False)
+
+
+def test_retrieval_from_embeddings_computed_once_equals_encoding_at_every_check():
+    """Evaluation embeds a frozen backbone's test images once (lors.evaluation.protocol._embed_if_frozen);
+    a network with another text head must score exactly as if it encoded them itself."""
+    import copy
+
+    torch.manual_seed(0)
+    backbone = build_dual_encoder("test_efficientnet", TEXT_DIM, pretrained=False).image_encoder
+    first = DualEncoder(copy.deepcopy(backbone), TEXT_DIM, image_trainable=False)
+    other = DualEncoder(copy.deepcopy(backbone), TEXT_DIM, image_trainable=False).train()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    texts, txt2img = torch.randn(24, TEXT_DIM, generator=g), torch.arange(24) // 2
+    cpu = torch.device("cpu")
+    embedded = encode_images(first.eval(), images, cpu)
+    assert embedded.shape == (12, first.image_encoder.num_features)
+    assert test_retrieval(other, embedded, texts, txt2img, cpu) == test_retrieval(other, images, texts, txt2img, cpu)
+    assert other.training and not other.image_encoder.training

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from lors.evaluation.train import (RetrievalSplit, eval_epochs, partition_epoch,
                                    synset_optimizer)
 from lors.models import DualEncoder, build_dual_encoder
 from lors.models.dual import shared_backbone_seed
+from lors.retrieval import encode_images
 from lors.runtime import SEEDS_PER_RUN, member_seed, resolve_device, seed_everything
 from lors.synset import SyntheticSet
 
@@ -49,6 +51,18 @@ def _retrieval_splits(params: Params, dataset: str, arch: EvalArch, device: torc
         splits[name] = RetrievalSplit.upload(split.images, features, split.txt2img, device,
                                              params.evaluate.tie_rule(params.protocol))
     return splits
+
+
+def _embed_if_frozen(params: Params, arch: EvalArch, splits: dict[str, RetrievalSplit],
+                     device: torch.device) -> dict[str, RetrievalSplit]:
+    """A frozen backbone embeds an image the same way in every network and at every epoch, so each
+    split's images are embedded once here instead of at every retrieval check."""
+    if params.model.image_trainable:
+        return splits
+    with torch.random.fork_rng(devices=[]):  # the throwaway text head must not move the networks' seeds
+        model = _build_model(params, arch, next(iter(splits.values())).features.shape[1], device).eval()
+    return {name: replace(split, images=encode_images(model, split.images, device, amp=params.evaluate.amp))
+            for name, split in splits.items()}
 
 
 def _build_model(params: Params, arch: EvalArch, text_dim: int, device: torch.device) -> DualEncoder:
@@ -133,6 +147,7 @@ def evaluate_synset(params: Params, synset: SyntheticSet, dataset: str, arch: st
     eval_arch = parse_arch(arch, params)
     splits = _retrieval_splits(params, dataset, eval_arch, device)
     _check_synset(params, synset, dataset, splits, eval_arch)
+    splits = _embed_if_frozen(params, eval_arch, splits, device)
     texts = training_texts(params, dataset, synset.texts, eval_arch, splits["test"].features.shape[1], device)
     networks = train_networks_on_set(params, eval_arch, synset, texts.train, splits, settings, num_eval=num_eval,
                                      progress=progress, desc=f"evaluate {dataset}", checkpoints=checkpoints,
@@ -208,7 +223,7 @@ def evaluate_whole(params: Params, dataset: str, arch: str | None = None, num_ev
 
     device = resolve_device(params.device)
     eval_arch = parse_arch(arch, params)
-    splits = _retrieval_splits(params, dataset, eval_arch, device)
+    splits = _embed_if_frozen(params, eval_arch, _retrieval_splits(params, dataset, eval_arch, device), device)
     train = load_split(params, dataset, "train")
     features = split_features(params, dataset, "train", eval_arch, device)
     epochs = range(1, params.evaluate.whole_epochs + 1)

@@ -20,7 +20,7 @@ from lors.retrieval import Ties, test_retrieval
 class RetrievalSplit:
     """A split as retrieval reads it, uploaded once per evaluation call (not once per test pass)."""
 
-    images: torch.Tensor  # uint8 (n_images, 3, S, S) on the device
+    images: torch.Tensor  # uint8 (n_images, 3, S, S) on the device, or (frozen backbone) their embeddings
     features: torch.Tensor  # (n_captions, d) frozen text features, on the device
     txt2img: torch.Tensor  # (n_captions,)
     ties: Ties = "pessimistic"  # the rule of the recorded metrics (the other rule's come prefixed)
