@@ -8,6 +8,7 @@ import torch
 
 from torch import nn
 
+from lors.distill.matching import branch_grads
 from lors.losses import infonce
 from lors.models import DualEncoder, FunctionalDualEncoder, build_dual_encoder
 
@@ -67,7 +68,7 @@ def expert_trajectory(student: FunctionalDualEncoder, images: torch.Tensor, text
             idx = perm[start:start + batch]
             t_img, t_txt = theta_img.detach().requires_grad_(True), theta_txt.detach().requires_grad_(True)
             loss = infonce(student.logits(t_img, t_txt, images[idx], texts[idx]))
-            g_img, g_txt = torch.autograd.grad(loss, (t_img, t_txt), allow_unused=True, materialize_grads=True)
+            g_img, g_txt = branch_grads(loss, t_img, t_txt)
             theta_img, theta_txt = (t_img - lr * g_img).detach(), (t_txt - lr * g_txt).detach()
         snaps_img.append(theta_img)
         snaps_txt.append(theta_txt)

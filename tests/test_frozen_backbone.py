@@ -16,15 +16,12 @@ from distill_toys import TEXT_DIM, TinyConv, expert_trajectory, paired_data
 from lors.config import ModelConfig
 from lors.distill.matching import tesla_iteration, walk_batches
 from lors.distill.mtt import mtt_iteration, random_subsets
-from lors.distill.synthetic import LearnableSet
 from lors.distill.trajectories import Segment
 from lors.experts import make_expert_optimizer, train_contrastive_epoch
 from lors.losses import infonce, soft_contrastive_loss
 from lors.models import DualEncoder, FlatParams, FunctionalDualEncoder, build_dual_encoder
 from lors.retrieval import encode_images, test_retrieval
-from lors.similarity import build_similarity
-
-N, STEPS, TAU = 10, 3, 0.07
+from test_distill_gradients import N, STEPS, TAU, make_set
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +45,6 @@ def text_only_logits(student: FunctionalDualEncoder, theta_txt: torch.Tensor, im
     return image @ text.T / temperature
 
 
-def make_set(kind: str) -> LearnableSet:
-    images, texts, _ = paired_data(N, seed=3)
-    torch.manual_seed(3)
-    syn = LearnableSet(images, texts, build_similarity(kind, N, rank=3, alpha=2.0), init_lr=0.1).double()
-    with torch.no_grad():
-        syn.lr_txt.fill_(0.08)
-        for p in syn.similarity.parameters():
-            p.add_(0.3 * torch.randn(p.shape, dtype=p.dtype))
-    return syn
-
-
 def test_frozen_backbone_has_no_trainable_parameters_and_stays_in_eval_mode():
     torch.manual_seed(0)
     model = build_dual_encoder("test_efficientnet", TEXT_DIM, pretrained=False, image_trainable=False).train()
@@ -79,7 +65,7 @@ def test_frozen_backbone_has_no_trainable_parameters_and_stays_in_eval_mode():
 @pytest.mark.parametrize("merge", [False, True])  # merged or not, the empty image branch adds nothing
 def test_tesla_gradient_with_a_frozen_backbone_equals_the_text_only_objective(frozen, merge):
     student, segment = frozen
-    syn = make_set("lowrank")
+    syn = make_set("lors")
     batches = walk_batches(N, 4, STEPS, torch.Generator().manual_seed(0))
     result = tesla_iteration(student, syn, segment, batches, loss="wbce", temperature=TAU, merge_branches=merge)
 
@@ -104,7 +90,7 @@ def test_tesla_gradient_with_a_frozen_backbone_equals_the_text_only_objective(fr
 
 def test_mtt_gradient_with_a_frozen_backbone_equals_the_text_only_unroll(frozen):
     student, segment = frozen
-    syn = make_set("identity")
+    syn = make_set("mtt_vl")
     subsets = random_subsets(N, 6, STEPS, torch.Generator().manual_seed(2))
     result = mtt_iteration(student, syn, segment, subsets, temperature=TAU)
 
