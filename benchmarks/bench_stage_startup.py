@@ -10,7 +10,10 @@ in the same run. The backend column is what the stage imports next, when it firs
 (transformers); "fixed" is the sum, the stage's whole cost before its first real computation. The
 numbers assume compiled bytecode (scripts/setup.sh installs with --compile-bytecode: where
 PYTHONDONTWRITEBYTECODE is set, an install without it recompiles torch and timm in every process and
-each stage pays 7-9 s instead). Run from the repository root:
+each stage pays 7-9 s instead). The last two rows time the other end of a stage process, from its
+last output to the process's end, with torch and timm loaded: Python's usual interpreter teardown
+against `lors.cli.leave`, with which the console script ends a stage that finished well. Run from the
+repository root:
     .venv/bin/python benchmarks/bench_stage_startup.py --repeats 3
 """
 
@@ -68,6 +71,16 @@ def _baseline(statement: str) -> str:
     return f"import json, time\n{statement}\nprint(json.dumps({{'ready': time.time()}}))"
 
 
+EXITS = [("exit: interpreter teardown", ""), ("exit: lors.cli.leave", "leave(0)")]
+
+
+def _exit_seconds(ending: str) -> float:
+    """Seconds from a process's last output (torch, timm and the CLI loaded, one tensor op done) to its end."""
+    code = f"{_baseline('import timm, torch; from lors.cli import leave; torch.ones(8).sum()')}\n{ending}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return time.time() - json.loads(out.strip().splitlines()[-1])["ready"]
+
+
 def measure(repeats: int, params: str) -> list[dict]:
     """Median over `repeats` fresh processes per row: the baselines first, then every stage."""
     rows = []
@@ -85,6 +98,11 @@ def measure(repeats: int, params: str) -> list[dict]:
     return rows
 
 
+def measure_exits(repeats: int) -> list[tuple[str, float]]:
+    """Median exit time over `repeats` processes for each ending in EXITS."""
+    return [(label, statistics.median(_exit_seconds(ending) for _ in range(repeats))) for label, ending in EXITS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -99,6 +117,8 @@ def main() -> None:
               f"{row.get('backend', '-'):>12s} {row['backend_s']:6.2f} {row['fixed_s']:9.2f}  {', '.join(row['heavy']) or '-'}")
     worst = max(rows[2:], key=lambda row: row["fixed_s"])
     print(f"largest fixed cost: {worst['stage']} {worst['fixed_s']:.2f} s (goal: at most 3 s)")
+    for label, seconds in measure_exits(args.repeats):
+        print(f"{label:26s} {seconds:11.2f} s from the last output to the process's end")
 
 
 if __name__ == "__main__":
