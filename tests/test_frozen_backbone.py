@@ -50,6 +50,8 @@ def test_frozen_backbone_has_no_trainable_parameters_and_stays_in_eval_mode():
     model = build_dual_encoder("test_efficientnet", TEXT_DIM, pretrained=False, image_trainable=False).train()
     assert not model.image_encoder.training and model.text_head.training
     assert FlatParams(model.image_encoder).numel == 0 and FlatParams(model.text_head).numel > 0
+    convs = [m.weight for m in model.image_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # the fast CPU layout
     stats = {k: v.clone() for k, v in model.image_encoder.state_dict().items()}
     optimizer = make_expert_optimizer(model, 0.1, 0.1)
     head = FlatParams(model.text_head).flatten(model.text_head).clone()

@@ -17,8 +17,10 @@ theta_k instead (fewer, larger kernels; all K graphs alive at once, so more memo
 equal the loop's up to rounding (tests/test_speedups.py). Text-head dropout then draws its masks
 through vmap (randomness="different"), i.e. other masks than the loop would, from the same
 distribution. A student vmap cannot handle (BatchNorm buffers, norm layers other than nn.LayerNorm)
-falls back to the loop. With `merge_branches` (COCO) the data gradient uses (N^I + N^T) / (D^I + D^T), while
-the lr gradients keep the separate L^I, L^T (quirk 8.6).
+falls back to the loop. With a frozen backbone (model.image_trainable false) the images act only
+through embeddings no theta_k changes: both passes embed the set once per iteration, and pass 2 sums
+the K text-head terms before one backward through the backbone. With `merge_branches` (COCO) the data
+gradient uses (N^I + N^T) / (D^I + D^T), while the lr gradients keep the separate L^I, L^T (quirk 8.6).
 """
 
 from __future__ import annotations
@@ -109,6 +111,24 @@ def loop_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas
         ((coef_img * g_img).sum() + (coef_txt * g_txt).sum()).backward(inputs=data)
 
 
+def frozen_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas_txt: torch.Tensor,
+                         batches: list[torch.Tensor], coef_txt: torch.Tensor, loss: str, temperature: float,
+                         data: list[torch.Tensor]) -> None:
+    """Pass 2 with a frozen backbone: the images act only through embeddings that no theta_k changes,
+    so the set is embedded once, the K text-head terms c . G_k are summed (their graphs are small) and
+    one backward runs through the backbone instead of K."""
+    images = student.embed_if_frozen(syn.images)
+    no_image = student.image_layout.flatten(student.model.image_encoder)
+    total = images.new_zeros(())
+    for theta_txt, idx in zip(thetas_txt, batches):
+        t_txt = theta_txt.detach().requires_grad_(True)
+        inner = step_loss(student, no_image, t_txt, images[idx], syn.texts[idx], syn.similarity.matrix(idx), loss,
+                          temperature)
+        (g_txt,) = torch.autograd.grad(inner, t_txt, create_graph=True)
+        total = total + (coef_txt * g_txt).sum()
+    total.backward(inputs=data)
+
+
 def batched_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas_img: torch.Tensor,
                           thetas_txt: torch.Tensor, batches: list[torch.Tensor], coef_img: torch.Tensor,
                           coef_txt: torch.Tensor, loss: str, temperature: float, data: list[torch.Tensor],
@@ -147,7 +167,9 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
     """Set `.grad` of every parameter of `syn` for one match of `segment`; return the losses.
     `batched_steps`: pass 2 vmapped over the steps, `step_chunk` steps per vmap (0: all)."""
     a_img, a_txt = syn.lr_img.item(), syn.lr_txt.item()
-    images, texts = syn.images.detach(), syn.texts.detach()
+    with torch.no_grad():
+        images = student.embed_if_frozen(syn.images)
+    texts = syn.texts.detach()
 
     # pass 1: first-order unroll, keeping theta_k (rows of one tensor per branch) and the gradient sums
     theta_img, theta_txt = segment.start_img, segment.start_txt
@@ -180,14 +202,16 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
     # pass 2: recompute each G_k with a graph on the same batch and S~ block; backprop c . G_k
     syn.zero_grad(set_to_none=False)
     data = [syn.images, syn.texts, *syn.similarity.parameters()]
-    twin = student.vmappable() if batched_steps else None
-    if batched_steps and twin is None:
-        warnings.warn("batched_steps: this student cannot be vmapped (buffers or norm layers); pass 2 uses the loop",
-                      stacklevel=2)
-    if twin is not None:
+    twin = student.vmappable() if batched_steps and not student.image_frozen else None
+    if student.image_frozen:
+        frozen_data_gradient(student, syn, thetas_txt, batches, coef_txt, loss, temperature, data)
+    elif twin is not None:
         batched_data_gradient(twin, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data,
                               step_chunk)
     else:
+        if batched_steps:
+            warnings.warn("batched_steps: this student cannot be vmapped (buffers or norm layers); pass 2 uses "
+                          "the loop", stacklevel=2)
         loop_data_gradient(student, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data)
     del thetas_img, thetas_txt
 

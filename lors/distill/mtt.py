@@ -37,8 +37,9 @@ def mtt_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: Se
     """Set `.grad` of images, texts and both lrs from the exact unrolled objective L^I + L^T."""
     theta_img = segment.start_img.detach().requires_grad_(True)
     theta_txt = segment.start_txt.detach().requires_grad_(True)
+    images = student.embed_if_frozen(syn.images)  # a frozen backbone: embedded once, one backward through it
     for idx in subsets:
-        inner = infonce(student.logits(theta_img, theta_txt, syn.images[idx], syn.texts[idx], temperature))
+        inner = infonce(student.logits(theta_img, theta_txt, images[idx], syn.texts[idx], temperature))
         g_img, g_txt = branch_grads(inner, theta_img, theta_txt, create_graph=True)
         theta_img, theta_txt = theta_img - syn.lr_img * g_img, theta_txt - syn.lr_txt * g_txt
 

@@ -16,13 +16,20 @@ class DualEncoder(nn.Module):
     There is no image projection: the image embedding is the pooled backbone feature itself, and the
     text head maps text features to that width (method.md 1.1-1.3). tau is fixed, never learned.
     With `image_trainable=False` the backbone is frozen: no parameter of it requires grad and it stays
-    in eval mode (BatchNorm statistics fixed) whatever `train()` is called with.
+    in eval mode (BatchNorm statistics fixed) whatever `train()` is called with. Its weights are then
+    stored channels-last, the layout oneDNN and cuDNN convolutions run fastest in (a convolution with
+    channels-last weights runs channels-last on any input): on a 2-core CPU a frozen EfficientNet-Lite0
+    embeds 32 px images 3.4x faster and back-propagates to them 2.4x faster
+    (benchmarks/bench_channels_last.py). A frozen backbone is never flattened into a trajectory, so
+    the layout shows nowhere else.
     """
 
     def __init__(self, image_encoder: nn.Module, text_dim: int, temperature: float = 0.07,
                  text_head_dropout: float = 0.1, image_trainable: bool = True) -> None:
         super().__init__()
         self.image_encoder = image_encoder.requires_grad_(image_trainable)
+        if not image_trainable:
+            self.image_encoder.to(memory_format=torch.channels_last)
         self.text_head = TextProjectionHead(text_dim, image_feature_dim(image_encoder), text_head_dropout)
         self.temperature = temperature
         self.image_trainable = image_trainable

@@ -111,10 +111,25 @@ class FunctionalDualEncoder:
         feats = functional_call(self.model.text_head, self.text_layout.unflatten(text_params), (texts,))
         return F.normalize(feats, dim=-1)
 
+    @property
+    def image_frozen(self) -> bool:
+        """A frozen backbone (model.image_trainable false): the image embeddings do not depend on the
+        parameter vectors, so a matching iteration embeds its images once (`embed_if_frozen`)."""
+        return self.image_layout.numel == 0
+
+    def embed_if_frozen(self, images: torch.Tensor) -> torch.Tensor:
+        """With a frozen backbone, the embeddings of `images` (differentiable w.r.t. them), which
+        `logits` accepts in their place; otherwise `images` as they are."""
+        if not self.image_frozen:
+            return images
+        return self.encode_image(self.image_layout.flatten(self.model.image_encoder), images)
+
     def logits(self, image_params: torch.Tensor, text_params: torch.Tensor, images: torch.Tensor,
                texts: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Image-text logits; `images` are pixels, or (2-D) the embeddings `embed_if_frozen` made."""
         tau = self.model.temperature if temperature is None else temperature
-        return self.encode_image(image_params, images) @ self.encode_text(text_params, texts).T / tau
+        embedded = images if images.dim() == 2 else self.encode_image(image_params, images)
+        return embedded @ self.encode_text(text_params, texts).T / tau
 
     def load(self, image_params: torch.Tensor, text_params: torch.Tensor) -> None:
         self.image_layout.load(self.model.image_encoder, image_params)
