@@ -28,6 +28,7 @@ def _ci_params() -> dict:
         block = data["distill"][method]
         block["default"].update({"iterations": 4, "syn_steps": 2, "lr_lr": 1e-5})  # 16 px: lrs stay positive
         block["settings"] = {"embedded": {10: {}}}
+    data["distill"]["lors"]["default"]["lr_sim"] = 1  # the demo's 30 is for its frozen Lite0
     # a random test_nfnet, trained: the cross-architecture stage needs a backbone every arch can build
     # (the demo's frozen Lite0 has weights for Lite0 only; tests/test_frozen_backbone.py covers that path)
     data["model"] = {"image_encoder": "test_nfnet", "pretrained": False}
