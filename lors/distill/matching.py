@@ -167,9 +167,7 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
     """Set `.grad` of every parameter of `syn` for one match of `segment`; return the losses.
     `batched_steps`: pass 2 vmapped over the steps, `step_chunk` steps per vmap (0: all)."""
     a_img, a_txt = syn.lr_img.item(), syn.lr_txt.item()
-    with torch.no_grad():
-        images = student.embed_if_frozen(syn.images)
-    texts = syn.texts.detach()
+    images, texts = student.embed_if_frozen(syn.images.detach()), syn.texts.detach()
 
     # pass 1: first-order unroll, keeping theta_k (rows of one tensor per branch) and the gradient sums
     theta_img, theta_txt = segment.start_img, segment.start_txt
@@ -202,10 +200,9 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
     # pass 2: recompute each G_k with a graph on the same batch and S~ block; backprop c . G_k
     syn.zero_grad(set_to_none=False)
     data = [syn.images, syn.texts, *syn.similarity.parameters()]
-    twin = student.vmappable() if batched_steps and not student.image_frozen else None
     if student.image_frozen:
         frozen_data_gradient(student, syn, thetas_txt, batches, coef_txt, loss, temperature, data)
-    elif twin is not None:
+    elif batched_steps and (twin := student.vmappable()) is not None:
         batched_data_gradient(twin, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data,
                               step_chunk)
     else:
