@@ -87,8 +87,8 @@ def pass_two(repeats: int) -> None:
 
     loop_s, loop_grads = run(lambda: loop_data_gradient(student, syn, thetas_img, thetas_txt, batches, coef_img,
                                                         coef_txt, "wbce", 0.07, data))
-    once_s, once_grads = run(lambda: frozen_data_gradient(student, syn, thetas_txt, batches, coef_txt, "wbce",
-                                                          0.07, data))
+    once_s, once_grads = run(lambda: frozen_data_gradient(student, syn, thetas_img, thetas_txt, batches, coef_txt,
+                                                          "wbce", 0.07, data))
     diff = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(loop_grads, once_grads))
     print(f"TESLA pass 2, {N} pairs, K={STEPS} steps of {MINI_BATCH}: per-step loop {loop_s:.3f} s, embedded once "
           f"{once_s:.3f} s ({loop_s / once_s:.1f}x); largest gradient difference {diff:.1e} (relative)")

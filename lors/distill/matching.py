@@ -111,18 +111,17 @@ def loop_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas
         ((coef_img * g_img).sum() + (coef_txt * g_txt).sum()).backward(inputs=data)
 
 
-def frozen_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas_txt: torch.Tensor,
-                         batches: list[torch.Tensor], coef_txt: torch.Tensor, loss: str, temperature: float,
-                         data: list[torch.Tensor]) -> None:
-    """Pass 2 with a frozen backbone: the images act only through embeddings that no theta_k changes,
-    so the set is embedded once, the K text-head terms c . G_k are summed (their graphs are small) and
-    one backward runs through the backbone instead of K."""
+def frozen_data_gradient(student: FunctionalDualEncoder, syn: LearnableSet, thetas_img: torch.Tensor,
+                         thetas_txt: torch.Tensor, batches: list[torch.Tensor], coef_txt: torch.Tensor, loss: str,
+                         temperature: float, data: list[torch.Tensor]) -> None:
+    """Pass 2 with a frozen backbone (empty `thetas_img` rows): the images act only through embeddings
+    that no theta_k changes, so the set is embedded once, the K text-head terms c . G_k are summed
+    (their graphs are small) and one backward runs through the backbone instead of K."""
     images = student.embed_if_frozen(syn.images)
-    no_image = student.image_layout.flatten(student.model.image_encoder)
     total = images.new_zeros(())
-    for theta_txt, idx in zip(thetas_txt, batches):
+    for theta_img, theta_txt, idx in zip(thetas_img, thetas_txt, batches):
         t_txt = theta_txt.detach().requires_grad_(True)
-        inner = step_loss(student, no_image, t_txt, images[idx], syn.texts[idx], syn.similarity.matrix(idx), loss,
+        inner = step_loss(student, theta_img, t_txt, images[idx], syn.texts[idx], syn.similarity.matrix(idx), loss,
                           temperature)
         (g_txt,) = torch.autograd.grad(inner, t_txt, create_graph=True)
         total = total + (coef_txt * g_txt).sum()
@@ -201,7 +200,7 @@ def tesla_iteration(student: FunctionalDualEncoder, syn: LearnableSet, segment: 
     syn.zero_grad(set_to_none=False)
     data = [syn.images, syn.texts, *syn.similarity.parameters()]
     if student.image_frozen:
-        frozen_data_gradient(student, syn, thetas_txt, batches, coef_txt, loss, temperature, data)
+        frozen_data_gradient(student, syn, thetas_img, thetas_txt, batches, coef_txt, loss, temperature, data)
     elif batched_steps and (twin := student.vmappable()) is not None:
         batched_data_gradient(twin, syn, thetas_img, thetas_txt, batches, coef_img, coef_txt, loss, temperature, data,
                               step_chunk)

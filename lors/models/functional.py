@@ -120,9 +120,7 @@ class FunctionalDualEncoder:
     def embed_if_frozen(self, images: torch.Tensor) -> torch.Tensor:
         """With a frozen backbone, the embeddings of `images` (differentiable w.r.t. them), which
         `logits` accepts in their place; otherwise `images` as they are."""
-        if not self.image_frozen:
-            return images
-        return self.encode_image(self.image_layout.flatten(self.model.image_encoder), images)
+        return self.model.encode_image(images) if self.image_frozen else images
 
     def logits(self, image_params: torch.Tensor, text_params: torch.Tensor, images: torch.Tensor,
                texts: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
